@@ -1,0 +1,2 @@
+from rlad_pl.data.rewards import ExactMatchReward, FormatAnswerReward, Reward  # noqa: F401
+from rlad_pl.data.tasks import CharFrequencyTask, JSONLTask, Problem, ReasoningGymTask, Task  # noqa: F401

@@ -1,0 +1,259 @@
+"""``RolloutDataModule``: on-policy rollouts, refreshed every epoch.
+
+One epoch = one rollout batch: take ``prompts_per_rollout`` prompts (per rank) from the task, sync the student's
+weights into the sampler, sample ``group_size`` responses per prompt, score them with the verifier, compute group
+advantages, let the module annotate the batch (old / reference / teacher log-probs, before any update), then serve
+``steps_per_rollout * ppo_epochs`` optimizer steps of ``micro_batch_size``-sequence micro-batches. A group never
+spans ranks, so advantages are exact. The trainer must reload dataloaders every epoch (the CLI sets it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlad_pl.advantages import group_advantages, zero_variance_fraction
+from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
+from rlad_pl.data.tasks import Problem, Task
+from rlad_pl.errors import ConfigError
+from rlad_pl.rollout.hf import HFSampler
+from rlad_pl.rollout.sampler import Sampler, SamplingParams
+
+Reward = Callable[[str, Problem], float]
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class EvalResult:
+    scores: torch.Tensor  # [P, k] verifier scores
+    lengths: torch.Tensor  # [P, k] response lengths in tokens
+    truncated: torch.Tensor  # [P, k] bool
+    difficulties: list[Optional[str]]
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """On-policy rollout data.
+
+    Args:
+        task: where prompts and verifiers come from (``class_path`` of a ``Task``).
+        sampler: rollout engine; default: Hugging Face ``generate`` on the student (``HFSampler``).
+        reward: optional callable ``(completion, problem) -> float`` replacing the task's verifier for training.
+        prompts_per_rollout: prompts per rollout batch (per rank).
+        group_size: responses per prompt (G); group-normalized objectives need G >= 2.
+        micro_batch_size: sequences per forward/backward pass.
+        steps_per_rollout: optimizer steps (mini-batches) per rollout batch and PPO epoch.
+        ppo_epochs: passes over each rollout batch.
+        sampling: decoding settings for training rollouts (``n`` is set to ``group_size``).
+        scale_std_advantages: divide advantages by the group std (False: Dr. GRPO).
+        max_prompt_length: prompts longer than this keep their last tokens (counted in ``rollout/prompt_truncated``).
+        val_prompts: held-out prompts per validation (all ranks together).
+        val_k: samples per validation prompt (Mean@k, Pass@k).
+        val_sampling: decoding settings for validation (default: training settings).
+        pass_k: the k values of Pass@k reported (each <= val_k).
+        correct_threshold: a verifier score at or above this counts as correct in Mean@k / Pass@k.
+        val_batch_prompts: prompts per validation batch.
+        log_samples: rollouts logged as text per epoch.
+        seed: base seed of the rollout sampling.
+    """
+
+    def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
+                 prompts_per_rollout: int = 8, group_size: int = 8, micro_batch_size: int = 16,
+                 steps_per_rollout: int = 1, ppo_epochs: int = 1, sampling: Optional[SamplingParams] = None,
+                 scale_std_advantages: bool = True, max_prompt_length: int = 1024, val_prompts: int = 64,
+                 val_k: int = 4, val_sampling: Optional[SamplingParams] = None, pass_k: Optional[list[int]] = None,
+                 correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0):
+        super().__init__()
+        for name, value in (("prompts_per_rollout", prompts_per_rollout), ("group_size", group_size),
+                            ("micro_batch_size", micro_batch_size), ("steps_per_rollout", steps_per_rollout),
+                            ("ppo_epochs", ppo_epochs), ("val_k", val_k)):
+            if value < 1:
+                raise ConfigError(f"data.{name}", f"expected a positive integer, got {value}")
+        if (prompts_per_rollout * group_size) % steps_per_rollout:
+            raise ConfigError("data.steps_per_rollout", f"{prompts_per_rollout * group_size} sequences per rollout "
+                              f"do not split into {steps_per_rollout} equal optimizer steps")
+        self.task, self.reward = task, reward
+        self.sampler = sampler if sampler is not None else HFSampler()
+        self.prompts_per_rollout, self.group_size = prompts_per_rollout, group_size
+        self.micro_batch_size, self.steps_per_rollout, self.ppo_epochs = micro_batch_size, steps_per_rollout, ppo_epochs
+        self.sampling = (sampling or SamplingParams()).with_(n=group_size)
+        self.val_sampling = (val_sampling or self.sampling).with_(n=val_k)
+        self.scale_std_advantages, self.max_prompt_length = scale_std_advantages, max_prompt_length
+        self.val_prompts, self.val_k, self.val_batch_prompts = val_prompts, val_k, val_batch_prompts
+        self.pass_k = sorted(set(pass_k or [1, val_k]))
+        if self.pass_k[-1] > val_k:
+            raise ConfigError("data.pass_k", f"every k must be <= val_k={val_k}, got {self.pass_k}")
+        self.correct_threshold, self.log_samples, self.seed = correct_threshold, log_samples, seed
+        self.rollout_stats: dict[str, float] = {}
+        self.samples: list[tuple[str, str, float]] = []
+        self._sampler_ready = False
+        self._synced_at_step = -1
+
+    # ----------------------------------------------------------------------------------------- helpers
+    @property
+    def module(self):
+        return self.trainer.lightning_module
+
+    @property
+    def tokenizer(self):
+        return self.module.tokenizer
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.steps_per_rollout * self.ppo_epochs
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Apply the chat template when the tokenizer has one; otherwise prepend BOS when it has one."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+            if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+                ids = [tok.bos_token_id] + ids
+        return ids
+
+    def _prepare_sampler(self) -> dict[str, float]:
+        """Sync the current student into the engine once per optimizer step."""
+        if not self._sampler_ready:
+            self.sampler.setup(self.module.student, self.tokenizer)
+            self._sampler_ready = True
+        step = self.trainer.global_step
+        if self._synced_at_step == step:
+            return {}
+        t0 = time.perf_counter()
+        stats = self.sampler.sync_weights(self.module.student)
+        self._synced_at_step = step
+        return {"timing/weight_sync": time.perf_counter() - t0, **stats}
+
+    def _score(self, completions: list[str], problems: list[Problem], reward: Optional[Reward]) -> torch.Tensor:
+        fn = reward if reward is not None else self.task.verify
+        return torch.tensor([float(fn(c, p)) for c, p in zip(completions, problems)], dtype=torch.float32)
+
+    def _decode(self, ids: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _encode_all(self, problems: list[Problem]) -> tuple[list[list[int]], int]:
+        ids = [self.encode_prompt(p.prompt) for p in problems]
+        cut = sum(len(x) > self.max_prompt_length for x in ids)
+        return [x[-self.max_prompt_length:] for x in ids], cut
+
+    # ----------------------------------------------------------------------------------------- training
+    def make_rollout(self, problems: list[Problem], seed: int) -> RolloutBatch:
+        """Sample, score and lay out one rollout batch; fills ``rollout_stats`` and ``samples``."""
+        G = self.group_size
+        stats = self._prepare_sampler()
+        prompt_ids, cut = self._encode_all(problems)
+        t0 = time.perf_counter()
+        gen = self.sampler.generate(prompt_ids, self.sampling.with_(seed=seed))
+        t1 = time.perf_counter()
+        texts = self._decode(gen.completion_ids)
+        rep_problems = [p for p in problems for _ in range(G)]
+        rewards = self._score(texts, rep_problems, self.reward)
+        t2 = time.perf_counter()
+        if not torch.isfinite(rewards).all():
+            raise ValueError("reward: the reward function returned a non-finite value")
+        advantages = group_advantages(rewards, G, self.scale_std_advantages)
+        ids, mask, P, rmask = build_sequences([x for x in prompt_ids for _ in range(G)], gen.completion_ids,
+                                              self.tokenizer.pad_token_id)
+        rollout = RolloutBatch(input_ids=ids, attention_mask=mask, prompt_len=P, response_mask=rmask,
+                               rewards=rewards, advantages=advantages,
+                               group_ids=torch.arange(len(problems)).repeat_interleave(G))
+        if gen.logprobs is not None:
+            rollout.sampler_logprobs = pad_rows_float(gen.logprobs, rmask.shape[1])
+        lengths = rmask.sum(-1)
+        correct = (rewards >= self.correct_threshold).float()
+        stats.update({
+            "rollout/reward_mean": rewards.mean().item(), "rollout/reward_std": rewards.std(unbiased=False).item(),
+            "rollout/accuracy": correct.mean().item(),
+            "rollout/zero_variance_groups": zero_variance_fraction(rewards, G),
+            "rollout/response_length_mean": lengths.mean().item(), "rollout/response_length_max": lengths.max().item(),
+            "rollout/truncated_fraction": 1.0 - sum(gen.finished) / len(gen.finished),
+            "rollout/prompt_truncated": float(cut),
+            "timing/generate": t1 - t0, "timing/score": t2 - t1,
+            "rollout/generated_tokens_per_s": lengths.sum().item() / max(t1 - t0, 1e-9),
+        })
+        self.rollout_stats = stats
+        self.samples = [(problems[i // G].prompt, texts[i], rewards[i].item())
+                        for i in range(0, len(texts), max(1, len(texts) // max(self.log_samples, 1)))
+                        ][:self.log_samples]
+        return rollout
+
+    def make_steps(self, rollout: RolloutBatch, seed: int) -> list[StepBatch]:
+        """Split a rollout batch into optimizer steps of micro-batches, reshuffled per PPO epoch."""
+        n = rollout.num_sequences
+        per_step = n // self.steps_per_rollout
+        gen = torch.Generator().manual_seed(seed)
+        steps = []
+        for epoch in range(self.ppo_epochs):
+            order = torch.randperm(n, generator=gen) if self.updates_per_rollout > 1 else torch.arange(n)
+            for s in range(self.steps_per_rollout):
+                idx = order[s * per_step:(s + 1) * per_step]
+                steps.append(StepBatch([rollout.select(idx[j:j + self.micro_batch_size])
+                                        for j in range(0, per_step, self.micro_batch_size)]))
+        return steps
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world, epoch = trainer.global_rank, trainer.world_size, trainer.current_epoch
+        problems = self.task.problems("train", self.prompts_per_rollout,
+                                      offset=(epoch * world + rank) * self.prompts_per_rollout)
+        seed = self.seed + 1_000_003 * epoch + 7919 * rank
+        rollout = self.make_rollout(problems, seed)
+        t0 = time.perf_counter()
+        self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1)
+        self.rollout_stats["timing/annotate"] = time.perf_counter() - t0
+        return DataLoader(self.make_steps(rollout, seed), batch_size=None, shuffle=False, collate_fn=_identity)
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def eval_problems(self, split: str) -> list[Problem]:
+        return self.task.problems(split, self.val_prompts, offset=0)
+
+    def buckets(self, split: str = "val") -> list[str]:
+        return sorted({p.difficulty for p in self.eval_problems(split) if p.difficulty is not None})
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = self.eval_problems(split)[rank::world]
+        chunks = [mine[i:i + self.val_batch_prompts] for i in range(0, len(mine), self.val_batch_prompts)]
+        return DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def evaluate(self, problems: list[Problem], params: Optional[SamplingParams] = None) -> EvalResult:
+        """Sample ``val_k`` responses per problem with the current student and score them with the verifier."""
+        params = params or self.val_sampling
+        self._prepare_sampler()
+        prompt_ids, _ = self._encode_all(problems)
+        gen = self.sampler.generate(prompt_ids, params.with_(seed=self.seed + 17))
+        k = params.n
+        texts = self._decode(gen.completion_ids)
+        scores = self._score(texts, [p for p in problems for _ in range(k)], None)
+        lengths = torch.tensor([len(c) for c in gen.completion_ids], dtype=torch.float32)
+        truncated = torch.tensor([not f for f in gen.finished])
+        return EvalResult(scores.view(-1, k), lengths.view(-1, k), truncated.view(-1, k),
+                          [p.difficulty for p in problems])
+
+
+def pad_rows_float(rows: list[list[float]], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        r = r[:length]
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+__all__ = ["RolloutDataModule", "EvalResult", "pad_rows"]

@@ -1,0 +1,224 @@
+"""Tasks: where prompts, reference answers and verifiers come from.
+
+* ``ReasoningGymTask``: any ``reasoning-gym`` dataset with its config; train / val / test are disjoint seeds; the
+  dataset's own ``score_answer`` is the verifier (or exact match, see ``exact_match``).
+* ``JSONLTask``: one JSON object per line with configurable prompt / answer fields, answers checked with
+  ``math-verify``.
+* ``CharFrequencyTask``: random prompts and a reward a random tiny model can climb (smoke tests, ``grpo_tiny``).
+
+Any task's reward can be replaced by a ``Reward`` (a callable ``(completion, problem) -> float``) named by
+``class_path`` in ``data.reward``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from rlad_pl.errors import ConfigError
+
+Split = Literal["train", "val", "test"]
+
+
+@dataclass
+class Problem:
+    prompt: str  # user-facing prompt text (before any chat template)
+    answer: str = ""  # reference answer
+    difficulty: Optional[str] = None  # bucket name for per-difficulty metrics
+    privileged: Optional[str] = None  # privileged context (reference solution) for self-distillation
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class: ``problems(split, count, offset)`` and ``verify(completion, problem) -> float``."""
+
+    #: the field name of this task in the config, for error messages
+    field = "data.task"
+
+    def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
+        raise NotImplementedError
+
+    def verify(self, completion: str, problem: Problem) -> float:
+        raise NotImplementedError
+
+
+def extract_answer(completion: str, pattern: Optional[str]) -> str:
+    """The last match of ``pattern``'s first group (or whole match) in ``completion``; the stripped text if None."""
+    if pattern is None:
+        return completion.strip()
+    matches = list(re.finditer(pattern, completion, flags=re.DOTALL))
+    if not matches:
+        return ""
+    m = matches[-1]
+    return (m.group(1) if m.groups() else m.group(0)).strip()
+
+
+class ReasoningGymTask(Task):
+    """A ``reasoning-gym`` dataset.
+
+    Args:
+        dataset: registered dataset name, e.g. ``chain_sum`` or ``knights_knaves``.
+        config: keyword arguments of the dataset's config (e.g. ``{min_terms: 2, max_terms: 5}``).
+        seeds: dataset seed per split; items use ``Random(seed + idx)``, so keep them far apart.
+        sizes: dataset size per split (train cycles through its items).
+        prompt_template: format string over the item (``{question}`` and any metadata key).
+        answer_pattern: regex whose last match (group 1) is the answer; None passes the whole completion.
+        exact_match: score 1.0 only for an exact string match with the reference answer (``score_answer`` gives
+            partial credit on some datasets).
+        difficulty_keys: metadata keys that form the difficulty bucket; default: the keys of the item's
+            ``metadata.difficulty``.
+        privileged_template: format string for the privileged context (self-distillation), e.g.
+            ``"{question}\\nReference answer: {answer}"``.
+    """
+
+    def __init__(self, dataset: str, config: Optional[dict[str, Any]] = None,
+                 seeds: Optional[dict[str, int]] = None, sizes: Optional[dict[str, int]] = None,
+                 prompt_template: str = "{question}", answer_pattern: Optional[str] = None,
+                 exact_match: bool = False, difficulty_keys: Optional[list[str]] = None,
+                 privileged_template: Optional[str] = None):
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+
+        if dataset not in DATASETS:
+            close = [n for n in sorted(DATASETS) if dataset.split("_")[0] in n][:5]
+            raise ConfigError(f"{self.field}.dataset", f"unknown reasoning-gym dataset '{dataset}' (expected a "
+                              f"registered name{', e.g. ' + ', '.join(close) if close else ''})")
+        self.name = dataset
+        self.config = dict(config or {})
+        self.seeds = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000, **(seeds or {})}
+        self.sizes = {"train": 100_000, "val": 512, "test": 512, **(sizes or {})}
+        self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
+        self.exact_match, self.difficulty_keys = exact_match, difficulty_keys
+        self.privileged_template = privileged_template
+        self._datasets: dict[str, Any] = {}
+        try:
+            self._dataset("val")
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"{self.field}.config", f"invalid config for '{dataset}': {e}") from None
+        self._rg = reasoning_gym
+
+    def _dataset(self, split: Split):
+        if split not in self._datasets:
+            import reasoning_gym
+
+            self._datasets[split] = reasoning_gym.create_dataset(self.name, seed=self.seeds[split],
+                                                                 size=self.sizes[split], **self.config)
+        return self._datasets[split]
+
+    def _difficulty(self, meta: dict) -> Optional[str]:
+        keys = self.difficulty_keys or list((meta.get("difficulty") or {}).keys())
+        if not keys:
+            return None
+        diff = meta.get("difficulty") or {}
+        return ",".join(f"{k}={meta.get(k, diff.get(k))}" for k in keys)
+
+    def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
+        ds = self._dataset(split)
+        n = len(ds)
+        out = []
+        for i in range(offset, offset + count):
+            entry = ds[i % n]
+            fmt = {**entry["metadata"], "question": entry["question"], "answer": entry["answer"]}
+            out.append(Problem(prompt=self.prompt_template.format(**fmt), answer=str(entry["answer"]),
+                               difficulty=self._difficulty(entry["metadata"]),
+                               privileged=self.privileged_template.format(**fmt) if self.privileged_template
+                               else None,
+                               metadata={"entry": entry}))
+        return out
+
+    def verify(self, completion: str, problem: Problem) -> float:
+        answer = extract_answer(completion, self.answer_pattern)
+        if self.exact_match:
+            return float(answer == problem.answer)
+        ds = self._dataset("val")
+        return float(ds.score_answer(answer=answer, entry=problem.metadata["entry"]))
+
+
+class JSONLTask(Task):
+    """Problems from JSONL files, answers verified with ``math-verify``.
+
+    Args:
+        train_path / val_path / test_path: JSONL files (val/test optional: they fall back to the train file).
+        prompt_field / answer_field / difficulty_field / privileged_field: keys of each JSON object.
+        prompt_template: format string over the object's fields, e.g. ``"{problem} Put the answer in \\\\boxed{{}}."``
+        answer_pattern: optional regex applied before ``math-verify`` parses the completion.
+    """
+
+    def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
+                 prompt_field: str = "prompt", answer_field: str = "answer", difficulty_field: Optional[str] = None,
+                 privileged_field: Optional[str] = None, prompt_template: Optional[str] = None,
+                 answer_pattern: Optional[str] = None, shuffle_seed: Optional[int] = 0):
+        self.fields = (prompt_field, answer_field, difficulty_field, privileged_field)
+        self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
+        self.data = {"train": self._load(train_path, "train_path")}
+        self.data["val"] = self._load(val_path, "val_path") if val_path else self.data["train"]
+        self.data["test"] = self._load(test_path, "test_path") if test_path else self.data["val"]
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(self.data["train"])
+
+    def _load(self, path: str, name: str) -> list[Problem]:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{self.field}.{name}", f"no such file '{path}'")
+        prompt_f, answer_f, diff_f, priv_f = self.fields
+        out = []
+        for lineno, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or prompt_f not in row or answer_f not in row:
+                raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: expected an object with fields "
+                                  f"'{prompt_f}' and '{answer_f}'")
+            prompt = self.prompt_template.format(**row) if self.prompt_template else str(row[prompt_f])
+            out.append(Problem(prompt=prompt, answer=str(row[answer_f]),
+                               difficulty=str(row[diff_f]) if diff_f and diff_f in row else None,
+                               privileged=str(row[priv_f]) if priv_f and priv_f in row else None,
+                               metadata={"row": row}))
+        if not out:
+            raise ConfigError(f"{self.field}.{name}", f"{path} holds no problems")
+        return out
+
+    def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
+        data = self.data[split]
+        return [data[i % len(data)] for i in range(offset, offset + count)]
+
+    def verify(self, completion: str, problem: Problem) -> float:
+        from math_verify import parse, verify
+
+        text = extract_answer(completion, self.answer_pattern) if self.answer_pattern else completion
+        gold = parse(problem.answer if "$" in problem.answer or "\\" in problem.answer else f"${problem.answer}$")
+        try:
+            return float(verify(gold, parse(text)))
+        except Exception:  # math-verify raises on pathological inputs: an unparseable answer is wrong
+            return 0.0
+
+
+class CharFrequencyTask(Task):
+    """Random prompts over ``alphabet``; the reward is the fraction of ``target`` characters in the response.
+
+    A randomly initialised tiny model starts near ``1/vocab`` and can climb this quickly: a smoke test for RL.
+    """
+
+    def __init__(self, target: str = "a", alphabet: str = "0123456789", prompt_length: int = 4):
+        if len(target) != 1:
+            raise ConfigError(f"{self.field}.target", f"expected one character, got '{target}'")
+        self.target, self.alphabet, self.prompt_length = target, alphabet, prompt_length
+
+    def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
+        base = {"train": 0, "val": 10**9, "test": 2 * 10**9}[split]
+        out = []
+        for i in range(offset, offset + count):
+            rng = random.Random(base + i)
+            out.append(Problem(prompt="".join(rng.choice(self.alphabet) for _ in range(self.prompt_length)),
+                               answer=self.target))
+        return out
+
+    def verify(self, completion: str, problem: Problem) -> float:
+        return completion.count(self.target) / len(completion) if completion else 0.0

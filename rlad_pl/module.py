@@ -1,0 +1,334 @@
+"""``DistillationModule``: the trainable student, an optional frozen teacher (and reference), and the objectives.
+
+The module computes only what the configured objectives declare in ``requires``. Optimization is manual so that
+the loss denominators can span the whole optimizer step: every micro-batch contributes
+``sum(loss terms) / step_denominator`` and its backward is scaled by the world size, which cancels the gradient
+averaging of DDP / FSDP. The result does not depend on how a step is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from rlad_pl.batch import RolloutBatch, StepBatch
+from rlad_pl.errors import ConfigError
+from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
+from rlad_pl.metrics import MeanPassAtK
+from rlad_pl.models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, STUDENT_HIDDEN, TEACHER_HIDDEN,
+                                     TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
+
+#: value that replaces NaN / -inf teacher or reference log-probs (spec rlad-trrd.md section 10)
+LOGPROB_FLOOR = -20.0
+
+
+def _default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
+
+
+class DistillationModule(L.LightningModule):
+    """Student + frozen teacher + objectives.
+
+    Args:
+        student: local path of the trainable student (``save_pretrained`` layout).
+        objectives: one or more ``Objective`` instances (``class_path`` / ``init_args``), summed with their weights.
+        teacher: local path of the frozen teacher; loaded only when an objective needs it.
+        tokenizer: tokenizer path (default: the student's).
+        teacher_tokenizer: teacher tokenizer path checked against the student's (default: the teacher's).
+        loss_agg: default aggregation for objectives that do not set their own.
+        optimizer: optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-6}}``.
+        lr_scheduler: optional scheduler factory, stepped once per optimizer step.
+        grad_clip: max global gradient norm (None: no clipping).
+        temperature: logits are divided by this before every log-prob (student, old, reference, teacher); the CLI
+            links it to ``data.sampling.temperature``.
+        logprob_chunk_size: sequence positions per LM-head chunk.
+        annotate_batch_size: sequences per no-grad forward when computing old / reference / teacher log-probs.
+        dtype: student weights dtype; ``teacher_dtype`` defaults to it.
+        gradient_checkpointing: recompute transformer blocks in backward.
+        log_entropy: log the student token entropy (computed in the same chunked pass).
+    """
+
+    def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
+                 tokenizer: Optional[str] = None, teacher_tokenizer: Optional[str] = None,
+                 loss_agg: AggMode = "seq_mean_token_mean", optimizer: OptimizerCallable = _default_optimizer,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None, grad_clip: Optional[float] = 1.0,
+                 temperature: float = 1.0, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
+                 dtype: str = "float32", teacher_dtype: Optional[str] = None, gradient_checkpointing: bool = False,
+                 log_entropy: bool = True):
+        super().__init__()
+        self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
+        if isinstance(objectives, Objective):
+            objectives = [objectives]
+        if not objectives:
+            raise ConfigError("model.objectives", "expected at least one Objective")
+        for i, obj in enumerate(objectives):
+            if not isinstance(obj, Objective):
+                raise ConfigError(f"model.objectives[{i}]", f"expected an rlad_pl Objective, got {type(obj).__name__}")
+            unknown = set(obj.requires) - _known_requirements()
+            if unknown:
+                raise ConfigError(f"model.objectives[{i}]", f"{type(obj).__name__} requires unknown inputs "
+                                  f"{sorted(unknown)}")
+            if obj.loss_agg is None:
+                obj.loss_agg = loss_agg
+        self.objectives = list(objectives)
+        self.requires = frozenset().union(*(o.requires for o in self.objectives))
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.grad_clip, self.temperature = grad_clip, temperature
+        self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
+        self.log_entropy = log_entropy
+
+        self.tokenizer = load_tokenizer(tokenizer or student, "model.tokenizer" if tokenizer else "model.student")
+        self.student = load_causal_lm(student, "model.student", dtype)
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        needs_teacher = bool(self.requires & {TEACHER_LOGPROBS, TEACHER_HIDDEN}) or any(
+            o.needs_teacher for o in self.objectives)
+        self.teacher = None
+        if needs_teacher:
+            if teacher is None:
+                names = [type(o).__name__ for o in self.objectives if o.needs_teacher or o.requires & {
+                    TEACHER_LOGPROBS, TEACHER_HIDDEN}]
+                raise ConfigError("model.teacher", f"{', '.join(names)} needs a teacher model path")
+            t_tok = load_tokenizer(teacher_tokenizer or teacher,
+                                   "model.teacher_tokenizer" if teacher_tokenizer else "model.teacher")
+            check_tokenizers_match(self.tokenizer, t_tok, "model.teacher")
+            self.teacher = load_causal_lm(teacher, "model.teacher", teacher_dtype or dtype, trainable=False)
+        self.reference = (load_causal_lm(student, "model.student", dtype, trainable=False)
+                          if REF_LOGPROBS in self.requires else None)
+        frozen = [m for m in (self.teacher, self.reference) if m is not None]
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
+        self.counters: dict[str, float] = defaultdict(float)
+        self.val_metric: Optional[MeanPassAtK] = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        group_objs = [type(o).__name__ for o in self.objectives if o.needs_groups]
+        if group_objs and getattr(dm, "group_size", 2) < 2:
+            raise ConfigError("data.group_size", f"{', '.join(group_objs)} normalizes advantages within a group "
+                              f"of responses and needs group_size >= 2, got {dm.group_size}")
+        if hasattr(dm, "buckets"):
+            self.val_metric = MeanPassAtK(dm.val_k, dm.pass_k, dm.buckets("val" if stage != "test" else "test"))
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith(("teacher.", "reference."))]:
+            del sd[k]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.teacher, self.reference):  # frozen models always stay in eval mode
+            if m is not None:
+                m.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ forward passes
+    def _logprobs(self, model, batch: RolloutBatch, teacher_layout: bool = False) -> Tensor:
+        if teacher_layout and batch.teacher_input_ids is not None:
+            ids, mask, P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
+        else:
+            ids, mask, P = batch.input_ids, batch.attention_mask, batch.prompt_len
+        logp, _ = response_logprobs(model, ids, mask, P, temperature=self.temperature, chunk_size=self.chunk_size,
+                                    vocab_size=self.vocab_size)
+        return logp
+
+    def _sanitize(self, logp: Tensor, mask: Tensor, name: str) -> Tensor:
+        bad = ~torch.isfinite(logp)
+        n_bad = (bad & (mask > 0)).sum().item()
+        if n_bad:
+            self.counters[f"nonfinite/{name}_logprobs"] += n_bad
+        return torch.where(bad, torch.full_like(logp, LOGPROB_FLOOR), logp)
+
+    @torch.no_grad()
+    def annotate_rollouts(self, rollout: RolloutBatch, need_old: bool) -> None:
+        """Fill old / reference / teacher log-probs of a fresh rollout batch, before any update on it."""
+        jobs = []
+        if OLD_LOGPROBS in self.requires and need_old:
+            jobs.append(("old_logprobs", self.student, False))
+        if REF_LOGPROBS in self.requires:
+            jobs.append(("ref_logprobs", self.reference, False))
+        if TEACHER_LOGPROBS in self.requires:
+            jobs.append(("teacher_logprobs", self.teacher, True))
+        if not jobs:
+            return
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            results = defaultdict(list)
+            for mb in rollout.split(self.annotate_batch_size):
+                mb = mb.to(self.device)
+                for name, model, teacher_layout in jobs:
+                    lp = self._logprobs(model, mb, teacher_layout)
+                    results[name].append(self._sanitize(lp, mb.response_mask, name.split("_")[0]).cpu())
+        finally:
+            self.student.train(was_training)
+        for name, parts in results.items():
+            setattr(rollout, name, torch.cat(parts))
+
+    def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
+        hidden = response_hidden(self.student, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        head = self.student.get_output_embeddings()
+        want_entropy = ENTROPY in self.requires or self.log_entropy
+        logp, ent = chunked_token_logprobs(hidden, head.weight, batch.response_ids, bias=getattr(head, "bias", None),
+                                           temperature=self.temperature, chunk_size=self.chunk_size,
+                                           with_entropy=want_entropy, vocab_size=self.vocab_size)
+        out = StudentOutputs(logprobs=logp, entropy=ent, vocab_size=self.vocab_size, temperature=self.temperature)
+        if STUDENT_HIDDEN in self.requires:
+            out.hidden, out.lm_head = hidden, head
+        if TEACHER_HIDDEN in self.requires:
+            with torch.no_grad():
+                if batch.teacher_input_ids is not None:
+                    t_ids, t_mask, t_P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
+                else:
+                    t_ids, t_mask, t_P = batch.input_ids, batch.attention_mask, batch.prompt_len
+                out.teacher_hidden = response_hidden(self.teacher, t_ids, t_mask, t_P)
+            out.teacher_lm_head = self.teacher.get_output_embeddings()
+        return out
+
+    def compute_loss(self, batch: RolloutBatch, denom: Denominators) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Weighted sum of the objectives on one micro-batch -> (loss, metrics, student log-probs)."""
+        out = self.student_outputs(batch)
+        total = out.logprobs.new_zeros(())
+        metrics: dict[str, Tensor] = {}
+        for obj in self.objectives:
+            res = obj.compute(batch, out, denom)
+            total = total + obj.weight * res.loss
+            metrics[f"{obj.name}/loss"] = res.loss.detach()
+            metrics.update({f"{obj.name}/{k}": v.detach() for k, v in res.metrics.items()})
+        if out.entropy is not None:
+            m = batch.response_mask
+            metrics["train/entropy"] = ((out.entropy.detach() * m).sum() / m.sum().clamp_min(1)).detach()
+        return total, metrics, out.logprobs
+
+    # ------------------------------------------------------------------------------------------ training
+    def step_denominators(self, step: StepBatch) -> Denominators:
+        local = torch.tensor([step.num_tokens, float(step.num_sequences)], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            local = self.trainer.strategy.reduce(local, reduce_op="sum")
+        max_len = float(self.trainer.datamodule.sampling.max_new_tokens) if self._has_dm() else float(
+            max(mb.response_len for mb in step.micro_batches))
+        return Denominators(num_tokens=float(local[0]), num_sequences=float(local[1]), max_response_len=max_len)
+
+    def _has_dm(self) -> bool:
+        return getattr(self.trainer, "datamodule", None) is not None and hasattr(self.trainer.datamodule, "sampling")
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if isinstance(batch, StepBatch):
+            return StepBatch([mb.to(device) for mb in batch.micro_batches])
+        return batch  # validation batches are lists of problems
+
+    def training_step(self, step: StepBatch, batch_idx: int):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        denom = self.step_denominators(step)
+        opt.zero_grad(set_to_none=True)
+        scale = float(self.trainer.world_size)
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, list[Tensor]] = defaultdict(list)
+        for mb in step.micro_batches:
+            loss, metrics, logp = self.compute_loss(mb, denom)
+            if not torch.isfinite(loss):
+                self.counters["nonfinite/loss"] += 1
+                loss = (logp * 0.0).sum()  # keep every rank in the backward collective, contribute nothing
+            self.manual_backward(loss * scale)
+            loss_sum += loss.detach()
+            for k, v in metrics.items():
+                sums[k].append(v.float())
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(grad_norm):
+            opt.step()
+        else:
+            self.counters["nonfinite/grad_steps_skipped"] += 1
+            opt.zero_grad(set_to_none=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        logs = {k: torch.stack(v).mean() for k, v in sums.items()}
+        logs.update({"train/loss": loss_sum, "train/grad_norm": grad_norm.detach().float(),
+                     "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
+                     "train/tokens": torch.tensor(denom.num_tokens),
+                     "timing/train_step": torch.tensor(time.perf_counter() - t0)})
+        logs.update({k: torch.tensor(v) for k, v in self.counters.items()})
+        if batch_idx == 0 and self._has_dm():
+            logs.update({k: torch.tensor(float(v)) for k, v in self.trainer.datamodule.rollout_stats.items()})
+            self._log_samples()
+        self.log_dict({k: v.to(self.device) for k, v in logs.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      sync_dist=self.trainer.world_size > 1)
+        self.log("reward", logs.get("rollout/reward_mean", torch.tensor(float("nan"))).to(self.device),
+                 prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1) \
+            if batch_idx == 0 and "rollout/reward_mean" in logs else None
+        return loss_sum
+
+    def _log_samples(self) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        samples = self.trainer.datamodule.samples
+        if not samples or self.global_rank != 0:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                text = "\n\n".join(f"**prompt** `{p}`  \n**response** `{c}`  \n**reward** {r:.3f}"
+                                   for p, c, r in samples)
+                logger.experiment.add_text("rollouts/samples", text, self.global_step)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _eval_step(self, problems) -> None:
+        dm = self.trainer.datamodule
+        res = dm.evaluate(problems)
+        correct = res.scores >= dm.correct_threshold
+        idx = torch.tensor([self.val_metric.bucket_index(d) for d in res.difficulties], dtype=torch.long)
+        self.val_metric.update(correct.to(self.device), idx.to(self.device))
+        self._eval_lengths.append(res.lengths.mean())
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_lengths = []
+
+    def validation_step(self, problems, batch_idx: int) -> None:
+        self._eval_step(problems)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def test_step(self, problems, batch_idx: int) -> None:
+        self._eval_step(problems)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        if self.val_metric is None:
+            return
+        values = self.val_metric.compute()
+        self.val_metric.reset()
+        logs = {f"{prefix}/{k}": v for k, v in values.items()}
+        if self._eval_lengths:
+            logs[f"{prefix}/response_length_mean"] = torch.stack(self._eval_lengths).mean()
+        self.log_dict({k: v.to(self.device) for k, v in logs.items()}, sync_dist=True)
+
+
+def _known_requirements() -> frozenset[str]:
+    from rlad_pl.objectives.base import KNOWN_REQUIREMENTS
+
+    return KNOWN_REQUIREMENTS

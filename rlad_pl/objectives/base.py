@@ -1,0 +1,121 @@
+"""The ``Objective`` API and loss aggregation.
+
+An objective is chosen in YAML by ``class_path``. It declares in ``requires`` which inputs the module must compute
+(only those are computed) and maps a micro-batch plus the student's outputs to ``LossOutput(loss, metrics)``. The
+math lives in pure tensor functions that tests call without a model.
+
+Aggregation (per-token loss l, mask m, sequences i of the whole optimizer step, over every micro-batch and rank):
+
+    token_mean               sum_{i,t} m l / sum_{i,t} m
+    seq_mean_token_mean      (1/N_seq) sum_i ( sum_t m l / sum_t m )
+    seq_mean_token_sum_norm  sum_{i,t} m l / (N_seq * L_max)            (Dr. GRPO, L_max a constant)
+
+Each micro-batch returns its share of the step's loss (a partial sum divided by the step-wide denominator), so the
+gradient does not depend on how the step is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from rlad_pl.batch import RolloutBatch
+
+AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+# names an objective can put in ``requires``
+ADVANTAGES = "advantages"  # group-normalized advantages (needs group_size >= 2)
+OLD_LOGPROBS = "old_logprobs"  # pi_old at sampled tokens, computed before the first update
+REF_LOGPROBS = "ref_logprobs"  # frozen reference (initial student) at sampled tokens
+TEACHER_LOGPROBS = "teacher_logprobs"  # frozen teacher at sampled tokens
+ENTROPY = "entropy"  # student token entropy, with gradient
+STUDENT_HIDDEN = "student_hidden"  # student final hidden states [N, R, H] (full-vocabulary losses)
+TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full-vocabulary losses)
+KNOWN_REQUIREMENTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
+                                TEACHER_HIDDEN})
+
+
+@dataclass
+class Denominators:
+    """Counts over the whole optimizer step (all micro-batches, all ranks)."""
+
+    num_tokens: float
+    num_sequences: float
+    max_response_len: float
+
+    @classmethod
+    def of(cls, mask: Tensor, max_response_len: Optional[float] = None) -> "Denominators":
+        """Denominators of a single batch (used when a step has one micro-batch, and in tests)."""
+        return cls(float(mask.sum()), float(mask.shape[0]),
+                   float(mask.shape[1] if max_response_len is None else max_response_len))
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: AggMode, denom: Denominators) -> Tensor:
+    """This micro-batch's share of the step-aggregated loss (see module docstring)."""
+    mask = mask.to(values.dtype)
+    if mode == "token_mean":
+        return (values * mask).sum() / max(denom.num_tokens, 1.0)
+    if mode == "seq_mean_token_mean":
+        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+        return per_seq.sum() / max(denom.num_sequences, 1.0)
+    if mode == "seq_mean_token_sum_norm":
+        return (values * mask).sum() / max(denom.num_sequences * denom.max_response_len, 1.0)
+    raise ValueError(f"loss_agg: unknown aggregation '{mode}' (expected token_mean, seq_mean_token_mean or "
+                     "seq_mean_token_sum_norm)")
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Token mean for metrics (no gradient)."""
+    mask = mask.to(values.dtype)
+    return ((values * mask).sum() / mask.sum().clamp_min(1.0)).detach()
+
+
+@dataclass
+class StudentOutputs:
+    """What the module computed for the student on one micro-batch (fields not required are ``None``)."""
+
+    logprobs: Tensor  # [N, R] with gradient
+    entropy: Optional[Tensor] = None  # [N, R]
+    hidden: Optional[Tensor] = None  # [N, R, H]
+    lm_head: Optional[torch.nn.Module] = None
+    teacher_hidden: Optional[Tensor] = None  # [N, R, H_T], no gradient
+    teacher_lm_head: Optional[torch.nn.Module] = None
+    vocab_size: Optional[int] = None  # shared tokenizer range for full-vocabulary losses
+    temperature: float = 1.0
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, this micro-batch's share of the step loss
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class. Subclasses set ``requires`` and implement ``compute``.
+
+    ``weight`` scales the loss when several objectives are combined; ``name`` prefixes the metrics (default: the
+    lower-cased class name). ``loss_agg`` is filled in by the module from its own ``loss_agg`` unless set here.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: needs groups of >= 2 responses per prompt (group-normalized advantages)
+    needs_groups: ClassVar[bool] = False
+    #: needs a teacher model
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None):
+        self.weight = weight
+        self.name = name or type(self).__name__.lower()
+        self.loss_agg = loss_agg
+
+    def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
+        raise NotImplementedError
+
+    def aggregate(self, values: Tensor, mask: Tensor, denom: Denominators) -> Tensor:
+        return aggregate(values, mask, self.loss_agg or "token_mean", denom)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight}, loss_agg={self.loss_agg})"

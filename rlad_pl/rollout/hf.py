@@ -1,0 +1,62 @@
+"""Embedded default sampler: Hugging Face ``generate`` on the training model itself."""
+
+from __future__ import annotations
+
+import torch
+
+from rlad_pl.batch import pad_rows
+from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
+
+
+class HFSampler(Sampler):
+    """Samples with ``model.generate`` on the live student (no weight copy, so ``sync_weights`` only rebinds).
+
+    Args:
+        batch_size: prompts per ``generate`` call (bounds the KV cache).
+    """
+
+    def __init__(self, batch_size: int = 64):
+        self.batch_size = batch_size
+        self.model = None
+
+    def setup(self, model, tokenizer) -> None:
+        super().setup(model, tokenizer)
+        self.model = model
+
+    def sync_weights(self, model) -> dict[str, float]:
+        self.model = model
+        return {"weight_sync_bytes": 0.0}
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        model, tok = self.model, self.tokenizer
+        pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        greedy = params.temperature <= 0
+        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                      num_return_sequences=params.n, do_sample=not greedy)
+        if not greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        completions: list[list[int]] = []
+        finished: list[bool] = []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(params.seed)
+                for s in range(0, len(prompt_ids), self.batch_size):
+                    ids, mask = pad_rows(prompt_ids[s:s + self.batch_size], pad_id, "left")
+                    ids, mask = ids.to(device), mask.to(device)
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                    for row in out[:, ids.shape[1]:].tolist():
+                        if eos_id in row:
+                            row = row[:row.index(eos_id) + 1]
+                            finished.append(True)
+                        else:  # ran to max_new_tokens: every token is real
+                            finished.append(False)
+                        completions.append(row)
+        finally:
+            model.train(was_training)
+        return Generation(completions, finished)

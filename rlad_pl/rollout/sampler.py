@@ -1,0 +1,61 @@
+"""The ``Sampler`` interface that both the embedded Hugging Face engine and vLLM implement.
+
+An engine may keep its own copy of the weights (vLLM), so sampling is always preceded by ``sync_weights(model)``;
+the Hugging Face sampler generates with the training model itself and its sync is a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings. ``temperature`` also scales the log-probs of student, old policy, reference and teacher
+    (logits / T) so that every ratio and KL in the objectives compares distributions at the same temperature.
+
+    Args:
+        temperature: softmax temperature; 0 means greedy.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        max_new_tokens: response length cap; responses cut here are "truncated".
+        n: responses per prompt (the group size during training).
+        seed: base seed; the data module adds the epoch so each rollout batch differs but is reproducible.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    n: int = 1
+    seed: int = 0
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+@dataclass
+class Generation:
+    """Responses for ``len(prompts) * n`` rows, grouped: rows ``i*n .. i*n+n-1`` answer prompt ``i``."""
+
+    completion_ids: list[list[int]]  # response tokens, eos included when generated
+    finished: list[bool]  # ended with eos (False: cut at max_new_tokens)
+    logprobs: Optional[list[list[float]]] = None  # engine log-probs of the response tokens, when provided
+
+
+class Sampler:
+    """Base class for rollout engines."""
+
+    def setup(self, model: torch.nn.Module, tokenizer) -> None:
+        """Called once before the first rollout with the student and its tokenizer."""
+        self.tokenizer = tokenizer
+
+    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
+        """Make the engine sample from ``model``'s current weights; returns stats (bytes moved...)."""
+        return {}
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        raise NotImplementedError
