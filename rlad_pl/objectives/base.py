@@ -34,8 +34,11 @@ TEACHER_LOGPROBS = "teacher_logprobs"  # frozen teacher at sampled tokens
 ENTROPY = "entropy"  # student token entropy, with gradient
 STUDENT_HIDDEN = "student_hidden"  # student final hidden states [N, R, H] (full-vocabulary losses)
 TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full-vocabulary losses)
+SAMPLER_LOGPROBS = "sampler_logprobs"  # log-probs reported by the inference engine (TIS correction); implies old
+TEACHER_PREFIXES = "teacher_prefixes"  # responses are sampled from the teacher, not the student (off-policy cells)
+PRIVILEGED_PROMPT = "privileged_prompt"  # the teacher scores the response after the privileged prompt (OPSD)
 KNOWN_REQUIREMENTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
-                                TEACHER_HIDDEN})
+                                TEACHER_HIDDEN, SAMPLER_LOGPROBS, TEACHER_PREFIXES, PRIVILEGED_PROMPT})
 
 
 @dataclass
