@@ -23,8 +23,8 @@ from rlad_pl.errors import ConfigError
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
-from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, STUDENT_HIDDEN, TEACHER_HIDDEN,
-                                     TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
+from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
+                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
 
 #: value that replaces NaN / -inf teacher or reference log-probs (spec rlad-trrd.md section 10)
 LOGPROB_FLOOR = -20.0
@@ -47,8 +47,9 @@ class DistillationModule(L.LightningModule):
         optimizer: optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-6}}``.
         lr_scheduler: optional scheduler factory, stepped once per optimizer step.
         grad_clip: max global gradient norm (None: no clipping).
-        temperature: logits are divided by this before every log-prob (student, old, reference, teacher); the CLI
-            links it to ``data.sampling.temperature``.
+        temperature: logits are divided by this before every log-prob and full-vocabulary distribution (student,
+            old policy, reference and teacher alike), so ratios and KLs compare distributions at one temperature.
+            Default (None): the rollout sampling temperature ``data.sampling.temperature`` (1.0 if it is 0).
         logprob_chunk_size: sequence positions per LM-head chunk.
         annotate_batch_size: sequences per no-grad forward when computing old / reference / teacher log-probs.
         dtype: student weights dtype; ``teacher_dtype`` defaults to it.
@@ -60,7 +61,7 @@ class DistillationModule(L.LightningModule):
                  tokenizer: Optional[str] = None, teacher_tokenizer: Optional[str] = None,
                  loss_agg: AggMode = "seq_mean_token_mean", optimizer: OptimizerCallable = _default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, grad_clip: Optional[float] = 1.0,
-                 temperature: float = 1.0, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
+                 temperature: Optional[float] = None, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
                  dtype: str = "float32", teacher_dtype: Optional[str] = None, gradient_checkpointing: bool = False,
                  log_entropy: bool = True):
         super().__init__()
@@ -83,12 +84,16 @@ class DistillationModule(L.LightningModule):
         self.objectives = list(objectives)
         self.requires = frozenset().union(*(o.requires for o in self.objectives))
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.grad_clip, self.temperature = grad_clip, temperature
+        self.grad_clip, self.temperature = grad_clip, temperature if temperature is not None else 1.0
+        self._temperature_from_data = temperature is None
+        if temperature is not None and temperature <= 0:
+            raise ConfigError("model.temperature", f"expected a positive temperature, got {temperature}")
         self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
         self.log_entropy = log_entropy
 
         self.tokenizer = load_tokenizer(tokenizer or student, "model.tokenizer" if tokenizer else "model.student")
         self.student = load_causal_lm(student, "model.student", dtype)
+        self.student.train()  # from_pretrained returns eval mode
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         needs_teacher = bool(self.requires & {TEACHER_LOGPROBS, TEACHER_HIDDEN}) or any(
@@ -119,6 +124,9 @@ class DistillationModule(L.LightningModule):
         if group_objs and getattr(dm, "group_size", 2) < 2:
             raise ConfigError("data.group_size", f"{', '.join(group_objs)} normalizes advantages within a group "
                               f"of responses and needs group_size >= 2, got {dm.group_size}")
+        sampling = getattr(dm, "sampling", None)
+        if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
+            self.temperature = float(sampling.temperature)
         if hasattr(dm, "buckets"):
             self.val_metric = MeanPassAtK(dm.val_k, dm.pass_k, dm.buckets("val" if stage != "test" else "test"))
 
@@ -161,7 +169,7 @@ class DistillationModule(L.LightningModule):
     def annotate_rollouts(self, rollout: RolloutBatch, need_old: bool) -> None:
         """Fill old / reference / teacher log-probs of a fresh rollout batch, before any update on it."""
         jobs = []
-        if OLD_LOGPROBS in self.requires and need_old:
+        if (OLD_LOGPROBS in self.requires and need_old) or SAMPLER_LOGPROBS in self.requires:
             jobs.append(("old_logprobs", self.student, False))
         if REF_LOGPROBS in self.requires:
             jobs.append(("ref_logprobs", self.reference, False))

@@ -21,8 +21,10 @@ from rlad_pl.advantages import group_advantages, zero_variance_fraction
 from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
 from rlad_pl.data.tasks import Problem, Task
 from rlad_pl.errors import ConfigError
+from rlad_pl.objectives.base import PRIVILEGED_PROMPT, TEACHER_PREFIXES
+from rlad_pl.rollout.cache import GenerationCache
 from rlad_pl.rollout.hf import HFSampler
-from rlad_pl.rollout.sampler import Sampler, SamplingParams
+from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 
 Reward = Callable[[str, Problem], float]
 
@@ -62,6 +64,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_prompts: prompts per validation batch.
         log_samples: rollouts logged as text per epoch.
         seed: base seed of the rollout sampling.
+        teacher_sampler: engine for teacher-prefix objectives (default: Hugging Face ``generate`` on the teacher).
+        teacher_cache_dir: cache teacher-sampled responses on disk and reuse them across epochs and runs.
     """
 
     def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
@@ -69,7 +73,8 @@ class RolloutDataModule(L.LightningDataModule):
                  steps_per_rollout: int = 1, ppo_epochs: int = 1, sampling: Optional[SamplingParams] = None,
                  scale_std_advantages: bool = True, max_prompt_length: int = 1024, val_prompts: int = 64,
                  val_k: int = 4, val_sampling: Optional[SamplingParams] = None, pass_k: Optional[list[int]] = None,
-                 correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0):
+                 correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0,
+                 teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None):
         super().__init__()
         for name, value in (("prompts_per_rollout", prompts_per_rollout), ("group_size", group_size),
                             ("micro_batch_size", micro_batch_size), ("steps_per_rollout", steps_per_rollout),
@@ -91,6 +96,9 @@ class RolloutDataModule(L.LightningDataModule):
         if self.pass_k[-1] > val_k:
             raise ConfigError("data.pass_k", f"every k must be <= val_k={val_k}, got {self.pass_k}")
         self.correct_threshold, self.log_samples, self.seed = correct_threshold, log_samples, seed
+        self.teacher_sampler, self.teacher_cache_dir = teacher_sampler, teacher_cache_dir
+        self._teacher_ready = False
+        self._teacher_cache: Optional[GenerationCache] = None
         self.rollout_stats: dict[str, float] = {}
         self.samples: list[tuple[str, str, float]] = []
         self._sampler_ready = False
@@ -133,7 +141,42 @@ class RolloutDataModule(L.LightningDataModule):
         t0 = time.perf_counter()
         stats = self.sampler.sync_weights(self.module.student)
         self._synced_at_step = step
-        return {"timing/weight_sync": time.perf_counter() - t0, **stats}
+        return {"timing/weight_sync": time.perf_counter() - t0, **{f"sync/{k}": v for k, v in stats.items()}}
+
+    @property
+    def prefix_source(self) -> str:
+        """``teacher`` when an objective trains on teacher-sampled responses, else ``student``."""
+        return "teacher" if TEACHER_PREFIXES in self.module.requires else "student"
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> tuple[Generation, dict[str, float]]:
+        """Responses from the prefix source: the student's engine (synced) or the frozen teacher."""
+        if self.prefix_source == "student":
+            return self.sampler.generate(prompt_ids, params), {}
+        if self.module.teacher is None:
+            raise ConfigError("model.teacher", "teacher-prefix objectives sample from the teacher; set model.teacher")
+        if not self._teacher_ready:
+            self.teacher_sampler = self.teacher_sampler or HFSampler()
+            self.teacher_sampler.setup(self.module.teacher, self.tokenizer)
+            self.teacher_sampler.sync_weights(self.module.teacher)  # frozen: one sync is enough
+            if self.teacher_cache_dir:
+                self._teacher_cache = GenerationCache(self.teacher_cache_dir, tag=str(self.module.hparams.teacher))
+            self._teacher_ready = True
+        if self._teacher_cache is None:
+            return self.teacher_sampler.generate(prompt_ids, params), {}
+        gen = self._teacher_cache.get_or_generate(prompt_ids, params, self.teacher_sampler.generate)
+        return gen, {"rollout/teacher_cache_hits": float(self._teacher_cache.hits)}
+
+    def _privileged_layout(self, problems: list[Problem], responses: list[list[int]]):
+        """``[left-padded privileged prompt | same response tokens]`` for the teacher (OPSD)."""
+        missing = [p.prompt[:40] for p in problems if p.privileged is None]
+        if missing:
+            raise ConfigError(f"{self.task.field}.privileged_template", "the objective scores responses under a "
+                              f"privileged prompt, but problem '{missing[0]}' has none (set the task's privileged "
+                              "template / field)")
+        priv_ids = [self.encode_prompt(p.privileged)[-self.max_prompt_length:] for p in problems]
+        ids, mask, P, _ = build_sequences([x for x in priv_ids for _ in range(self.group_size)], responses,
+                                          self.tokenizer.pad_token_id)
+        return ids, mask, P
 
     def _score(self, completions: list[str], problems: list[Problem], reward: Optional[Reward]) -> torch.Tensor:
         fn = reward if reward is not None else self.task.verify
@@ -151,10 +194,11 @@ class RolloutDataModule(L.LightningDataModule):
     def make_rollout(self, problems: list[Problem], seed: int) -> RolloutBatch:
         """Sample, score and lay out one rollout batch; fills ``rollout_stats`` and ``samples``."""
         G = self.group_size
-        stats = self._prepare_sampler()
+        stats = self._prepare_sampler() if self.prefix_source == "student" else {}
         prompt_ids, cut = self._encode_all(problems)
         t0 = time.perf_counter()
-        gen = self.sampler.generate(prompt_ids, self.sampling.with_(seed=seed))
+        gen, gen_stats = self._generate(prompt_ids, self.sampling.with_(seed=seed))
+        stats.update(gen_stats)
         t1 = time.perf_counter()
         texts = self._decode(gen.completion_ids)
         rep_problems = [p for p in problems for _ in range(G)]
@@ -168,7 +212,10 @@ class RolloutDataModule(L.LightningDataModule):
         rollout = RolloutBatch(input_ids=ids, attention_mask=mask, prompt_len=P, response_mask=rmask,
                                rewards=rewards, advantages=advantages,
                                group_ids=torch.arange(len(problems)).repeat_interleave(G))
-        if gen.logprobs is not None:
+        if PRIVILEGED_PROMPT in self.module.requires:
+            (rollout.teacher_input_ids, rollout.teacher_attention_mask,
+             rollout.teacher_prompt_len) = self._privileged_layout(problems, gen.completion_ids)
+        if gen.logprobs is not None and self.prefix_source == "student":
             rollout.sampler_logprobs = pad_rows_float(gen.logprobs, rmask.shape[1])
         lengths = rmask.sum(-1)
         correct = (rewards >= self.correct_threshold).float()
