@@ -1,0 +1,62 @@
+"""Shared test helpers: run the CLI in-process and read TensorBoard event files."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_cli(*args: str):
+    """``python -m rlad_pl ARGS`` in this process; returns the LightningCLI object."""
+    import sys
+
+    from rlad_pl.cli import main
+
+    argv, sys.argv = sys.argv, ["rlad_pl"]
+    try:
+        return main(list(args))
+    finally:
+        sys.argv = argv
+
+
+def scalars(log_dir: str | Path, tag: str) -> list[float]:
+    """Values of one scalar tag from the TensorBoard event files under ``log_dir`` (step order)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True))
+    assert files, f"no TensorBoard event file under {log_dir}"
+    values = []
+    for f in files:
+        ea = EventAccumulator(f, size_guidance={"scalars": 0, "tensors": 0})
+        ea.Reload()
+        if tag in ea.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in ea.Scalars(tag)]
+    return [v for _, v in sorted(values, key=lambda x: x[0])]
+
+
+def text_tags(log_dir: str | Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = []
+    for f in glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True):
+        ea = EventAccumulator(f)
+        ea.Reload()
+        tags += ea.Tags().get("tensors", [])
+    return tags
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A fresh tiny char-level student directory (random weights)."""
+    from rlad_pl.models import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
