@@ -21,7 +21,7 @@ from rlad_pl.advantages import group_advantages, zero_variance_fraction
 from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
 from rlad_pl.data.tasks import Problem, Task
 from rlad_pl.errors import ConfigError
-from rlad_pl.objectives.base import PRIVILEGED_PROMPT, TEACHER_PREFIXES
+from rlad_pl.objectives.base import DATASET_PREFIXES, PRIVILEGED_PROMPT, TEACHER_PREFIXES
 from rlad_pl.rollout.cache import GenerationCache
 from rlad_pl.rollout.hf import HFSampler
 from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
@@ -145,13 +145,33 @@ class RolloutDataModule(L.LightningDataModule):
 
     @property
     def prefix_source(self) -> str:
-        """``teacher`` when an objective trains on teacher-sampled responses, else ``student``."""
-        return "teacher" if TEACHER_PREFIXES in self.module.requires else "student"
+        """Where responses come from: ``teacher`` (teacher-prefix objectives), ``dataset`` (the task's reference
+        solutions, e.g. SFT) or ``student`` (on-policy, the default)."""
+        req = self.module.requires
+        if TEACHER_PREFIXES in req and DATASET_PREFIXES in req:
+            raise ConfigError("model.objectives", "objectives ask for both teacher and dataset prefixes; combine "
+                              "objectives that share one prefix source")
+        return "teacher" if TEACHER_PREFIXES in req else "dataset" if DATASET_PREFIXES in req else "student"
+
+    def _dataset_responses(self, problems: list[Problem], n: int) -> Generation:
+        """The reference solutions as responses (``n`` copies per problem), ``eos`` appended, cut at max length."""
+        tok, limit = self.tokenizer, self.sampling.max_new_tokens
+        rows, finished = [], []
+        for p in problems:
+            if p.solution is None:
+                raise ConfigError(f"{self.task.field}.solution_template", "a dataset-prefix objective trains on "
+                                  f"reference solutions, but problem '{p.prompt[:40]}' has none")
+            ids = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows += [ids[:limit]] * n
+            finished += [len(ids) <= limit] * n
+        return Generation(rows, finished)
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> tuple[Generation, dict[str, float]]:
         """Responses from the prefix source: the student's engine (synced) or the frozen teacher."""
         if self.prefix_source == "student":
             return self.sampler.generate(prompt_ids, params), {}
+        if self.prefix_source == "dataset":
+            return self._dataset_responses(self._current_problems, params.n), {}
         if self.module.teacher is None:
             raise ConfigError("model.teacher", "teacher-prefix objectives sample from the teacher; set model.teacher")
         if not self._teacher_ready:
@@ -196,6 +216,7 @@ class RolloutDataModule(L.LightningDataModule):
         G = self.group_size
         stats = self._prepare_sampler() if self.prefix_source == "student" else {}
         prompt_ids, cut = self._encode_all(problems)
+        self._current_problems = problems
         t0 = time.perf_counter()
         gen, gen_stats = self._generate(prompt_ids, self.sampling.with_(seed=seed))
         stats.update(gen_stats)

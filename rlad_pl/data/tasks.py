@@ -30,6 +30,7 @@ class Problem:
     answer: str = ""  # reference answer
     difficulty: Optional[str] = None  # bucket name for per-difficulty metrics
     privileged: Optional[str] = None  # privileged context (reference solution) for self-distillation
+    solution: Optional[str] = None  # reference response text (dataset prefixes: supervised fine-tuning)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,13 +74,14 @@ class ReasoningGymTask(Task):
             ``metadata.difficulty``.
         privileged_template: format string for the privileged context (self-distillation), e.g.
             ``"{question}\\nReference answer: {answer}"``.
+        solution_template: format string for the reference response (dataset prefixes), e.g. ``"#{answer}"``.
     """
 
     def __init__(self, dataset: str, config: Optional[dict[str, Any]] = None,
                  seeds: Optional[dict[str, int]] = None, sizes: Optional[dict[str, int]] = None,
                  prompt_template: str = "{question}", answer_pattern: Optional[str] = None,
                  exact_match: bool = False, difficulty_keys: Optional[list[str]] = None,
-                 privileged_template: Optional[str] = None):
+                 privileged_template: Optional[str] = None, solution_template: Optional[str] = None):
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
@@ -93,7 +95,7 @@ class ReasoningGymTask(Task):
         self.sizes = {"train": 100_000, "val": 512, "test": 512, **(sizes or {})}
         self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
         self.exact_match, self.difficulty_keys = exact_match, difficulty_keys
-        self.privileged_template = privileged_template
+        self.privileged_template, self.solution_template = privileged_template, solution_template
         self._datasets: dict[str, Any] = {}
         try:
             self._dataset("val")
@@ -127,6 +129,7 @@ class ReasoningGymTask(Task):
                                difficulty=self._difficulty(entry["metadata"]),
                                privileged=self.privileged_template.format(**fmt) if self.privileged_template
                                else None,
+                               solution=self.solution_template.format(**fmt) if self.solution_template else None,
                                metadata={"entry": entry}))
         return out
 
@@ -143,16 +146,17 @@ class JSONLTask(Task):
 
     Args:
         train_path / val_path / test_path: JSONL files (val/test optional: they fall back to the train file).
-        prompt_field / answer_field / difficulty_field / privileged_field: keys of each JSON object.
+        prompt_field / answer_field / difficulty_field / privileged_field / solution_field: keys of each JSON
+            object (the solution is the reference response used by dataset-prefix objectives such as SFT).
         prompt_template: format string over the object's fields, e.g. ``"{problem} Put the answer in \\\\boxed{{}}."``
         answer_pattern: optional regex applied before ``math-verify`` parses the completion.
     """
 
     def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
                  prompt_field: str = "prompt", answer_field: str = "answer", difficulty_field: Optional[str] = None,
-                 privileged_field: Optional[str] = None, prompt_template: Optional[str] = None,
+                 privileged_field: Optional[str] = None, solution_field: Optional[str] = None, prompt_template: Optional[str] = None,
                  answer_pattern: Optional[str] = None, shuffle_seed: Optional[int] = 0):
-        self.fields = (prompt_field, answer_field, difficulty_field, privileged_field)
+        self.fields = (prompt_field, answer_field, difficulty_field, privileged_field, solution_field)
         self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
         self.data = {"train": self._load(train_path, "train_path")}
         self.data["val"] = self._load(val_path, "val_path") if val_path else self.data["train"]
@@ -164,7 +168,7 @@ class JSONLTask(Task):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{self.field}.{name}", f"no such file '{path}'")
-        prompt_f, answer_f, diff_f, priv_f = self.fields
+        prompt_f, answer_f, diff_f, priv_f, sol_f = self.fields
         out = []
         for lineno, line in enumerate(p.read_text().splitlines(), 1):
             if not line.strip():
@@ -180,6 +184,7 @@ class JSONLTask(Task):
             out.append(Problem(prompt=prompt, answer=str(row[answer_f]),
                                difficulty=str(row[diff_f]) if diff_f and diff_f in row else None,
                                privileged=str(row[priv_f]) if priv_f and priv_f in row else None,
+                               solution=str(row[sol_f]) if sol_f and sol_f in row else None,
                                metadata={"row": row}))
         if not out:
             raise ConfigError(f"{self.field}.{name}", f"{path} holds no problems")
