@@ -166,12 +166,13 @@ class RolloutDataModule(L.LightningDataModule):
             finished += [len(ids) <= limit] * n
         return Generation(rows, finished)
 
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> tuple[Generation, dict[str, float]]:
+    def _generate(self, problems: list[Problem], prompt_ids: list[list[int]], params: SamplingParams
+                  ) -> tuple[Generation, dict[str, float]]:
         """Responses from the prefix source: the student's engine (synced) or the frozen teacher."""
         if self.prefix_source == "student":
             return self.sampler.generate(prompt_ids, params), {}
         if self.prefix_source == "dataset":
-            return self._dataset_responses(self._current_problems, params.n), {}
+            return self._dataset_responses(problems, params.n), {}
         if self.module.teacher is None:
             raise ConfigError("model.teacher", "teacher-prefix objectives sample from the teacher; set model.teacher")
         if not self._teacher_ready:
@@ -216,9 +217,8 @@ class RolloutDataModule(L.LightningDataModule):
         G = self.group_size
         stats = self._prepare_sampler() if self.prefix_source == "student" else {}
         prompt_ids, cut = self._encode_all(problems)
-        self._current_problems = problems
         t0 = time.perf_counter()
-        gen, gen_stats = self._generate(prompt_ids, self.sampling.with_(seed=seed))
+        gen, gen_stats = self._generate(problems, prompt_ids, self.sampling.with_(seed=seed))
         stats.update(gen_stats)
         t1 = time.perf_counter()
         texts = self._decode(gen.completion_ids)
