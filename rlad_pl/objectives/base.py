@@ -37,8 +37,10 @@ TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full
 SAMPLER_LOGPROBS = "sampler_logprobs"  # log-probs reported by the inference engine (TIS correction); implies old
 TEACHER_PREFIXES = "teacher_prefixes"  # responses are sampled from the teacher, not the student (off-policy cells)
 PRIVILEGED_PROMPT = "privileged_prompt"  # the teacher scores the response after the privileged prompt (OPSD)
+DATASET_PREFIXES = "dataset_prefixes"  # responses are the task's reference solutions (supervised fine-tuning)
 KNOWN_REQUIREMENTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
-                                TEACHER_HIDDEN, SAMPLER_LOGPROBS, TEACHER_PREFIXES, PRIVILEGED_PROMPT})
+                                TEACHER_HIDDEN, SAMPLER_LOGPROBS, TEACHER_PREFIXES, PRIVILEGED_PROMPT,
+                                DATASET_PREFIXES})
 
 
 @dataclass
@@ -74,6 +76,22 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Token mean for metrics (no gradient)."""
     mask = mask.to(values.dtype)
     return ((values * mask).sum() / mask.sum().clamp_min(1.0)).detach()
+
+
+def per_sample_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """``L_i = sum_t m_it v_it / max(sum_t m_it, 1)`` -> ``[N]`` (keeps the graph; 0 for an empty response)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+#: replaces NaN / -inf sampled-token log-probs of frozen models (same value as the module's floor)
+LOGPROB_FLOOR = -20.0
+
+
+def sanitize_logprobs(logp: Tensor, floor: float = LOGPROB_FLOOR) -> Tensor:
+    """Detached log-probs with NaN / +-inf replaced by ``floor`` (+inf: 0) and values clamped to ``[floor, 0]``."""
+    logp = logp.detach()
+    return torch.nan_to_num(logp, nan=floor, posinf=0.0, neginf=floor).clamp(floor, 0.0)
 
 
 @dataclass
@@ -122,3 +140,18 @@ class Objective:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, loss_agg={self.loss_agg})"
+
+
+class TokenObjective(Objective):
+    """An objective defined by a per-token loss ``v_it``: ``loss = agg(v, response_mask)`` (``self.aggregate``).
+
+    Subclasses implement ``per_token(batch, out) -> (values [N, R], metrics)``; wrappers that reweight whole samples
+    (``ReNIO``) call ``per_token`` directly. Values at masked positions are ignored but must be finite.
+    """
+
+    def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
+        values, metrics = self.per_token(batch, out)
+        return LossOutput(self.aggregate(values, batch.response_mask, denom), metrics)

@@ -2,9 +2,12 @@
 
     rho_t   = exp(l_S - l_old)
     surr_t  = min( rho_t A_i , clip(rho_t, 1 - eps_low, 1 + eps_high) A_i )
-    loss    = - agg(surr) + beta_ref * agg(KL_k(l_S, l_ref))
+    w_t     = sg( min(exp(l_old - l_sampler), tis_cap) )            (truncated importance sampling; 1 if off)
+    loss    = agg( - w_t surr_t + beta_ref * KL_k(l_S, l_ref) )
 
 ``A_i`` is the same for every token of response i (computed by the data module, see ``rlad_pl.advantages``).
+The per-token loss (``GRPO.per_token``) is reusable: KDRL adds a term to it, TRRD replaces the ratio, ReNIO
+reweights it per sample.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch
-from rlad_pl.objectives.base import (ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, Denominators, LossOutput, Objective,
-                                     StudentOutputs, masked_mean)
+from rlad_pl.errors import ConfigError
+from rlad_pl.objectives.base import (ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, StudentOutputs,
+                                     TokenObjective, masked_mean, sanitize_logprobs)
 
 KLEstimator = Literal["k1", "k2", "k3"]
 #: log-ratios are clamped to +-LOG_RATIO_LIMIT before exp so that extreme ratios stay finite (exp(20) ~ 4.9e8)
@@ -56,8 +60,20 @@ def kl_estimate(logp: Tensor, logp_ref: Tensor, estimator: KLEstimator = "k3") -
 
 
 def old_logprobs_of(batch: RolloutBatch, logp: Tensor) -> Tensor:
-    """pi_old: the stored snapshot, or (one update per rollout batch) the detached current log-probs."""
-    return batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
+    """pi_old: the stored snapshot (non-finite entries replaced by the current value, i.e. ratio 1), or (one update
+    per rollout batch) the detached current log-probs."""
+    if batch.old_logprobs is None:
+        return logp.detach()
+    old = batch.old_logprobs.detach()
+    return torch.where(torch.isfinite(old), old, logp.detach())
+
+
+def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """TIS: ``w_t = min(exp(l_old - l_sampler), cap)``, detached. Returns ``(w, truncated)``; ``truncated`` marks
+    tokens where the cap binds. Non-finite sampler log-probs are floored (``sanitize_logprobs``), so they truncate."""
+    log_w = (old_logprobs.detach() - sanitize_logprobs(sampler_logprobs)).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    raw = torch.exp(log_w)
+    return raw.clamp_max(cap), raw > cap
 
 
 def clip_metrics(ratio: Tensor, clipped_low: Tensor, clipped_high: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -67,42 +83,79 @@ def clip_metrics(ratio: Tensor, clipped_low: Tensor, clipped_high: Tensor, mask:
             "ratio_max": (ratio.detach() * mask).max() if mask.any() else ratio.new_zeros(())}
 
 
-class GRPO(Objective):
-    """Group Relative Policy Optimization with clip-higher (``eps_high``) and an optional reference-KL term.
+class GRPO(TokenObjective):
+    """Group Relative Policy Optimization with clip-higher (``eps_high``), optional reference KL and TIS.
+
+    Per token: ``v_t = - w_t min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta_ref KL_k(l_S, l_ref)``
+    with ``r_t = exp(log_ratio)`` (GRPO: ``l_S - l_old``) and ``w_t = sg(min(exp(l_old - l_sampler), tis_cap))``;
+    ``loss = agg(v)``.
 
     Args:
         eps_low: lower clip range (ratio floor ``1 - eps_low``).
         eps_high: upper clip range (ratio ceiling ``1 + eps_high``; DAPO "clip higher").
         ref_kl_coef: beta of the ``KL(pi_S || pi_ref)`` penalty; 0 skips the reference model entirely.
         ref_kl_estimator: ``k1``, ``k2`` or ``k3`` (``low_var_kl``).
+        tis_cap: truncated importance sampling against the inference engine's log-probs (None: off). Each token's
+            surrogate is multiplied by the detached ``min(pi_old / pi_sampler, tis_cap)``; adds ``sampler_logprobs``
+            to ``requires``. When the engine reports no log-probs (``batch.sampler_logprobs is None``) the weight is 1
+            and ``tis_active`` logs 0.
+
+    Metrics: ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``ratio_max``, ``ref_kl``, ``tis_clip_frac``,
+    ``tis_weight_mean``, ``tis_active``, ``advantage_abs_mean``.
     """
 
     requires = frozenset({ADVANTAGES, OLD_LOGPROBS})
     needs_groups = True
 
     def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, ref_kl_coef: float = 0.0,
-                 ref_kl_estimator: KLEstimator = "k3", weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None):
+                 ref_kl_estimator: KLEstimator = "k3", tis_cap: Optional[float] = None, weight: float = 1.0,
+                 name: Optional[str] = None, loss_agg: Optional[str] = None):
         super().__init__(weight=weight, name=name, loss_agg=loss_agg)
         if eps_low < 0 or eps_high < 0:
-            raise ValueError(f"{self.name}.eps_low/eps_high: clip ranges must be >= 0, got {eps_low}, {eps_high}")
+            field = f"{self.name}.eps_low" if eps_low < 0 else f"{self.name}.eps_high"
+            raise ConfigError(field, f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+        if eps_low >= 1:
+            raise ConfigError(f"{self.name}.eps_low", f"expected a value in [0, 1), got {eps_low}")
+        if ref_kl_coef < 0:
+            raise ConfigError(f"{self.name}.ref_kl_coef", f"expected a value >= 0, got {ref_kl_coef}")
+        if ref_kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"{self.name}.ref_kl_estimator", f"expected k1, k2 or k3, got '{ref_kl_estimator}'")
+        if tis_cap is not None and not tis_cap > 0:
+            raise ConfigError(f"{self.name}.tis_cap", f"expected a positive cap (e.g. 2.0) or null, got {tis_cap}")
         self.eps_low, self.eps_high = eps_low, eps_high
         self.ref_kl_coef, self.ref_kl_estimator = ref_kl_coef, ref_kl_estimator
+        self.tis_cap = tis_cap
         if ref_kl_coef > 0:
             self.requires = self.requires | {REF_LOGPROBS}
+        if tis_cap is not None:
+            self.requires = self.requires | {SAMPLER_LOGPROBS}
 
     def log_ratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """log of the importance ratio; GRPO: ``l_S - l_old``. TRRD overrides this."""
         return logp - old_logprobs_of(batch, logp), {}
 
-    def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
+    def tis_weights(self, batch: RolloutBatch, logp: Tensor) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+        """Detached per-token TIS weights (None when TIS is off or the engine gave no log-probs)."""
+        if self.tis_cap is None:
+            return None, {}
+        if batch.sampler_logprobs is None:
+            return None, {"tis_active": logp.new_zeros(())}
+        mask = batch.response_mask
+        w, truncated = truncated_is_weights(old_logprobs_of(batch, logp), batch.sampler_logprobs, self.tis_cap)
+        return w, {"tis_active": logp.new_ones(()), "tis_clip_frac": masked_mean(truncated.float(), mask),
+                   "tis_weight_mean": masked_mean(w, mask)}
+
+    def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         log_ratio, metrics = self.log_ratio(batch, out.logprobs)
         surr, ratio, c_low, c_high = ppo_clipped_surrogate(log_ratio, batch.advantages, self.eps_low, self.eps_high)
-        loss = -self.aggregate(surr, mask, denom)
         metrics.update(clip_metrics(ratio, c_low, c_high, mask))
+        metrics["advantage_abs_mean"] = batch.advantages.detach().abs().mean()
+        w, tis_metrics = self.tis_weights(batch, out.logprobs)
+        metrics.update(tis_metrics)
+        values = -surr if w is None else -(w * surr)
         if self.ref_kl_coef > 0:
-            kl = kl_estimate(out.logprobs, batch.ref_logprobs, self.ref_kl_estimator)
-            loss = loss + self.ref_kl_coef * self.aggregate(kl, mask, denom)
+            kl = kl_estimate(out.logprobs, sanitize_logprobs(batch.ref_logprobs), self.ref_kl_estimator)
+            values = values + self.ref_kl_coef * kl
             metrics["ref_kl"] = masked_mean(kl, mask)
-        return LossOutput(loss, metrics)
+        return values, metrics

@@ -1,0 +1,36 @@
+"""OPSD: on-policy self-distillation (spec: renio-opsd.md sections 4-5; arXiv 2601.18734 as released in ReNIO).
+
+    v_t  = sum_v clamp( p_T(v|x', y_<t) [log p_T(v|x', y_<t) - log q_S(v|x, y_<t)] , clip_lower, clip_kappa )
+    loss = agg(v)          (the release: per-sample token mean, then sample mean -> ``loss_agg: seq_mean_token_mean``)
+
+The teacher scores the student's own responses after the privileged prompt ``x'`` (problem + reference solution):
+``requires`` adds ``privileged_prompt`` so the data module builds the teacher layout. In OPSD the teacher is the
+student's initial weights: point ``model.teacher`` at the student checkpoint. No new loss: this is
+``TokenKL(divergence="clipped_forward")``; wrap it in ``ReNIO`` for the sample weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rlad_pl.objectives.base import PRIVILEGED_PROMPT
+from rlad_pl.objectives.kl import TokenKL
+
+
+class OPSD(TokenKL):
+    """Per-entry clipped full-vocabulary forward KL at student prefixes, teacher under the privileged prompt.
+
+    ``v_t = sum_v clamp(p_T,v (log p_T,v - log q_S,v), clip_lower, clip_kappa)``; ``loss = agg(v)``.
+
+    Args:
+        clip_kappa: per-entry upper clip (release: 0.05 for 1.7B / 4B / OPD, 0.06 for 8B); null: none.
+        clip_lower: per-entry lower clip (release: 0); null: none (then with ``clip_kappa: null`` this is plain FKL).
+        chunk_size, log_stats, weight, name, loss_agg: as in ``TokenKL``.
+    """
+
+    def __init__(self, clip_kappa: Optional[float] = 0.05, clip_lower: Optional[float] = 0.0, chunk_size: int = 256,
+                 log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
+                 loss_agg: Optional[str] = None):
+        super().__init__("clipped_forward", clip_kappa=clip_kappa, clip_lower=clip_lower, prefix_source="student",
+                         chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg)
+        self.requires = self.requires | {PRIVILEGED_PROMPT}
