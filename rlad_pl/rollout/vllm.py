@@ -1,0 +1,454 @@
+"""Colocated vLLM rollouts with in-place weight sync.
+
+``VLLMSampler`` owns one ``vllm.LLM`` per training process (created lazily in ``setup``; the engine seed is offset by
+the global rank so ranks sample differently). The engine runs **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+set here unless already set), so a weight sync passes tensors by reference, with no serialization and no disk:
+
+1. ``setup`` writes the student's config and tokenizer (and, when its parameters are plain tensors, its weights, once)
+   to a temporary directory and starts the engine on it. Sharded (DTensor) students start from dummy weights.
+2. ``sync_weights(model)`` pushes the current parameters in buckets of about ``sync_bucket_bytes``: one RPC opens a
+   layerwise reload session, one RPC per bucket loads it (``model.load_weights``, which handles vLLM's fused
+   ``qkv_proj`` / ``gate_up_proj`` layouts), one RPC finalizes it (re-running the kernel-format processing, e.g. the
+   CPU GEMM weight prepacking), then the prefix cache is reset so no KV computed with old weights is reused.
+   Tied embeddings are sent once (``named_parameters`` de-duplicates them; a stray ``lm_head.weight`` of a tied model
+   is skipped) and the tied ``lm_head`` kernel is refreshed after the session (vLLM's layerwise reload only
+   re-processes one owner of a tied tensor; on CPU the ``lm_head`` keeps a prepacked copy that would stay stale).
+   DTensor (FSDP2) parameters are gathered with ``full_tensor()`` for a whole bucket, on every rank in the same order,
+   before that bucket is sent; sends are rank-local (each rank feeds its own engine), so gathers never interleave
+   with a cross-rank transfer.
+3. ``generate`` asks for the sampled token's log-prob (``SamplingParams(logprobs=0)``).
+
+**Which log-probs.** vLLM's default ``logprobs_mode="raw_logprobs"`` reports ``log_softmax(logits)`` *before*
+temperature, and ``"processed_logprobs"`` reports them after temperature *and* after top-k / top-p filtering,
+renormalised over the kept tokens (so they carry ``-log(kept mass)``). The trainer computes
+``log_softmax(logits / T)`` over the full vocabulary. This sampler therefore runs the engine with
+``processed_logprobs`` (exactly the trainer's quantity when top-k / top-p are off) and installs a small worker-side
+hook so that, when top-k / top-p are on, the reported value is still ``log_softmax(logits / T)`` taken *before* the
+filter. If the hook cannot be installed (an unknown vLLM sampler layout), ``generate`` returns ``logprobs=None``
+for requests with top-k / top-p instead of renormalised numbers. Greedy requests (``temperature=0``) report
+``log_softmax(logits)`` (T = 1).
+
+**Sleep mode** (GPU only, ``enable_sleep_mode=True``): the engine sleeps after each ``generate`` (level
+``sleep_level``) to free memory for training; ``sync_weights`` wakes it in the safe order: ``weights`` -> load the
+new weights -> ``kv_cache`` (pitfall: waking the KV cache first, or skipping the reload after level 2, yields
+gibberish). CPU engines ignore sleep.
+
+**CPU note:** vLLM's CPU attention supports head_dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; a
+student with another ``hidden_size / num_attention_heads`` is refused at ``setup`` with a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Optional
+
+import torch
+
+from rlad_pl.errors import ConfigError
+from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_MISSING = ("VLLMSampler needs the vllm package: pip install 'rlad_pl[cpu]' (CPU) or 'rlad_pl[gpu]' (GPU)")
+#: head sizes supported by vLLM's CPU attention backend (``CPUAttentionBackend.get_supported_head_sizes``)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: wrapper prefixes stripped from parameter names (torch.compile, DDP, FSDP1, activation checkpointing)
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def import_vllm():
+    """Import ``vllm`` for in-process use, or raise a one-line ``ConfigError`` naming ``data.sampler``."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        # worker-side hooks below are sent as callables, which a separate engine process only accepts pickled
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError("data.sampler", _MISSING) from e
+    return vllm
+
+
+def _global_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _clean_name(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if prefix in name:
+                name = name.replace(prefix, "")
+                changed = True
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker-side functions, run through ``LLM.collective_rpc`` (module level so they pickle by reference)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _worker_model(worker):
+    return worker.model_runner.get_model()
+
+
+def _worker_start_update(worker) -> None:
+    """Open a layerwise reload session (what ``reload_weights`` does before loading)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(_worker_model(worker))
+
+
+def _worker_load_bucket(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Load one bucket of checkpoint-format weights; returns how many model parameters it touched."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        loaded = _worker_model(worker).load_weights(weights)
+    return len(loaded) if loaded is not None else len(weights)
+
+
+def _worker_finish_update(worker) -> None:
+    """Close the session: kernel-format processing, tied ``lm_head`` refresh, derived caches reset."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    model = _worker_model(worker)
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+        head = getattr(model, "lm_head", None)
+        embed = None
+        for path in ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens"):
+            try:
+                embed = model.get_submodule(path)
+                break
+            except AttributeError:
+                continue
+        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 1):
+            method = getattr(head, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(head)  # re-derive the head's kernel copy (CPU prepack)
+    runner = worker.model_runner
+    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+        fn = getattr(runner, reset, None)
+        if callable(fn):
+            fn()
+
+
+def _worker_install_logprob_hook(worker) -> str:
+    """Make ``processed_logprobs`` skip top-k / top-p renormalisation: report ``log_softmax(logits / T)`` taken just
+    before the filter. Returns the runner layout patched ("v1", "v2") or "" when unknown."""
+    sampler = getattr(worker.model_runner, "sampler", None)
+    if sampler is None:
+        return ""
+    if getattr(sampler, "_rlad_untruncated_logprobs", False):
+        return sampler._rlad_untruncated_logprobs
+    topk_topp = getattr(sampler, "topk_topp_sampler", None)
+    if topk_topp is not None and callable(getattr(topk_topp, "forward", None)):  # V1 model runner (CPU, ...)
+        original = topk_topp.forward
+
+        def forward(logits, generators, k, p):
+            if k is None and p is None:
+                return original(logits, generators, k, p)
+            full = logits.log_softmax(dim=-1, dtype=torch.float32)  # temperature applied, nothing filtered yet
+            sampled, processed = original(logits, generators, k, p)
+            return sampled, (full if processed is not None else None)
+
+        topk_topp.forward = forward
+        sampler._rlad_untruncated_logprobs = "v1"
+        return "v1"
+    sample_random = getattr(sampler, "_sample_random", None)
+    if callable(sample_random):  # model runner V2 (GPU)
+        def _sample_random(processed_logits, expanded_idx_mapping, idx_mapping_np, pos, top_k, top_p,
+                           use_fused_sampler):
+            if top_k is None and top_p is None:
+                return sample_random(processed_logits, expanded_idx_mapping, idx_mapping_np, pos, top_k, top_p,
+                                     use_fused_sampler)
+            full = processed_logits.clone()
+            sampled, _ = sample_random(processed_logits, expanded_idx_mapping, idx_mapping_np, pos, top_k, top_p,
+                                       use_fused_sampler)
+            return sampled, full
+
+        sampler._sample_random = _sample_random
+        sampler._rlad_untruncated_logprobs = "v2"
+        return "v2"
+    return ""
+
+
+def _worker_head_size(worker) -> int:
+    return int(worker.vllm_config.model_config.get_head_size())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+class VLLMSampler(Sampler):
+    """Rollouts from a colocated, in-process vLLM engine whose weights are synced in place from the student.
+
+    Args:
+        dtype: engine dtype ("float32", "bfloat16", "float16"); default: the student's parameter dtype (vLLM's
+            own "auto" would turn a float32 model into 16-bit).
+        max_model_len: prompt + response token limit of the engine (default: the model's max positions).
+        gpu_memory_utilization: fraction of GPU memory for weights + KV cache (on CPU: of host memory; prefer
+            ``engine_kwargs: {kv_cache_memory_bytes: ...}`` there).
+        tensor_parallel_size: GPUs per engine; must be 1 when training runs on several ranks (one engine per rank).
+        enforce_eager: skip CUDA-graph / torch.compile capture (faster start, slower decode).
+        seed: base engine seed; the global rank is added.
+        enable_sleep_mode: GPU only: sleep after each ``generate`` and wake (weights -> new weights -> KV cache) at
+            the next sync, freeing the engine's memory while the trainer runs.
+        sleep_level: 1 (offload weights to CPU, drop KV cache) or 2 (drop both; the sync rewrites every weight).
+        enable_prefix_caching: vLLM's automatic prefix caching (None: vLLM default). The cache is reset after
+            every weight sync either way.
+        sync_bucket_bytes: target size of one weight-sync bucket (one RPC per bucket).
+        engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes``, ``max_num_seqs``).
+        sampling_kwargs: extra ``vllm.SamplingParams`` fields for every request (e.g. ``ignore_eos`` in benchmarks).
+    """
+
+    def __init__(self, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enforce_eager: bool = True,
+                 seed: int = 0, enable_sleep_mode: bool = False, sleep_level: int = 1,
+                 enable_prefix_caching: Optional[bool] = None, sync_bucket_bytes: int = 256 << 20,
+                 engine_kwargs: Optional[dict[str, Any]] = None, sampling_kwargs: Optional[dict[str, Any]] = None):
+        if sync_bucket_bytes < 1:
+            raise ConfigError("data.sampler.init_args.sync_bucket_bytes", f"expected >= 1, got {sync_bucket_bytes}")
+        if sleep_level not in (1, 2):
+            raise ConfigError("data.sampler.init_args.sleep_level", f"expected 1 or 2, got {sleep_level}")
+        if tensor_parallel_size < 1:
+            raise ConfigError("data.sampler.init_args.tensor_parallel_size",
+                              f"expected >= 1, got {tensor_parallel_size}")
+        self.dtype, self.max_model_len = dtype, max_model_len
+        self.gpu_memory_utilization, self.tensor_parallel_size = gpu_memory_utilization, tensor_parallel_size
+        self.enforce_eager, self.seed = enforce_eager, seed
+        self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
+        self.enable_prefix_caching, self.sync_bucket_bytes = enable_prefix_caching, sync_bucket_bytes
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.sampling_kwargs = dict(sampling_kwargs or {})
+        self.llm = None
+        self.model_dir: Optional[str] = None
+        self.logprob_hook = ""  # "v1" / "v2" when untruncated top-k/top-p log-probs are available
+        self._asleep = False
+        self._inprocess = True
+        self._tied = False
+        if importlib.util.find_spec("vllm") is None:  # fail at config time (cheaply), with the install hint
+            raise ConfigError("data.sampler", _MISSING)
+
+    # ------------------------------------------------------------------------------------------------- setup
+    def setup(self, model: torch.nn.Module, tokenizer) -> None:
+        super().setup(model, tokenizer)
+        if self.llm is not None:
+            return
+        vllm = import_vllm()
+        rank, world = _global_rank(), _world_size()
+        if world > 1 and self.tensor_parallel_size != 1:
+            raise ConfigError("data.sampler.init_args.tensor_parallel_size", "each training rank owns its own "
+                              f"engine, so tensor_parallel_size must be 1 with {world} ranks")
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "save_pretrained"):
+            raise ConfigError("data.sampler", "VLLMSampler needs a Hugging Face model (with .config and "
+                              "save_pretrained) as the student")
+        self._tied = bool(getattr(config, "tie_word_embeddings", False))
+        params = list(model.parameters())
+        dtype = self.dtype or str(params[0].dtype).removeprefix("torch.")
+        sharded = any(_is_dtensor(p) for p in params)
+        self._check_head_size(config, vllm)
+
+        self.model_dir = tempfile.mkdtemp(prefix=f"rlad_vllm_rank{rank}_")
+        if sharded:  # config only; the engine starts from dummy weights and the first sync fills them
+            config.save_pretrained(self.model_dir)
+            load_format = "dummy"
+        else:
+            model.save_pretrained(self.model_dir)  # once, so the engine starts from the current weights
+            load_format = "auto"
+        tokenizer.save_pretrained(self.model_dir)
+
+        kwargs: dict[str, Any] = dict(
+            model=self.model_dir, tokenizer=self.model_dir, dtype=dtype, seed=self.seed + rank,
+            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
+            gpu_memory_utilization=self.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+            load_format=load_format, generation_config="vllm",  # no sampling defaults from generation_config.json
+        )
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.enable_prefix_caching is not None:
+            kwargs["enable_prefix_caching"] = self.enable_prefix_caching
+        if self.enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        if world > 1:  # reuse the trainer's process group; each rank is its own engine (TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(self.engine_kwargs)
+        self._inprocess = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+                           and kwargs.get("tensor_parallel_size", 1) == 1)
+
+        # the CPU worker lowers torch's intra-op threads to 1 and disables torch.set_num_threads for the whole
+        # process; in-process that would also throttle training, so both are restored afterwards
+        set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_threads
+            if torch.get_num_threads() != n_threads:
+                torch.set_num_threads(n_threads)
+        hooks = self.llm.collective_rpc(_worker_install_logprob_hook)
+        self.logprob_hook = hooks[0] if hooks and all(h == hooks[0] for h in hooks) else ""
+        if not self.logprob_hook:
+            log.warning("VLLMSampler: could not hook vLLM's sampler; requests with top-k/top-p will return no "
+                        "log-probs (vLLM would report them renormalised over the kept tokens)")
+
+    def _check_head_size(self, config, vllm) -> None:
+        try:
+            from vllm.platforms import current_platform
+            is_cpu = current_platform.is_cpu()
+        except Exception:  # pragma: no cover - platform detection failed; let vLLM decide
+            return
+        if not is_cpu:
+            return
+        heads = getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+        if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
+            raise ConfigError("data.sampler", f"vLLM's CPU attention supports head_dim in {list(CPU_HEAD_SIZES)}, "
+                                              f"but the student has head_dim {head_dim} (hidden_size "
+                                              f"{config.hidden_size} / {heads} heads); use HFSampler or such a model")
+
+    def close(self) -> None:
+        """Shut the engine down and delete the temporary model directory."""
+        if self.llm is not None:
+            try:
+                engine = getattr(self.llm, "llm_engine", None)
+                core = getattr(engine, "engine_core", None)
+                if core is not None and hasattr(core, "shutdown"):
+                    core.shutdown()
+            except Exception:  # pragma: no cover - best effort at teardown
+                pass
+            self.llm = None
+        if self.model_dir is not None:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+            self.model_dir = None
+
+    def __del__(self):  # pragma: no cover - interpreter teardown
+        if getattr(self, "model_dir", None) is not None:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------- sync
+    def _named_weights(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint-named parameters, tied embeddings once (``named_parameters`` skips shared tensors)."""
+        for name, p in model.named_parameters():
+            name = _clean_name(name)
+            if self._tied and name.endswith("lm_head.weight"):
+                continue  # a tied model's head is its embedding; vLLM ignores lm_head.* for tied models
+            yield name, p
+
+    def _buckets(self, model: torch.nn.Module, dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of about ``sync_bucket_bytes``; every DTensor of a bucket is gathered before it is yielded."""
+        pending: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, p in self._named_weights(model):
+            pending.append((name, p))
+            size += p.numel() * dtype.itemsize  # global numel for DTensors
+            if size >= self.sync_bucket_bytes:
+                yield self._materialize(pending, dtype)
+                pending, size = [], 0
+        if pending:
+            yield self._materialize(pending, dtype)
+
+    def _materialize(self, named: list[tuple[str, torch.Tensor]], dtype: torch.dtype):
+        out = []
+        for name, p in named:  # same order on every rank: the full_tensor() collectives line up
+            t = p.detach()
+            if _is_dtensor(t):
+                t = t.full_tensor()
+            if t.dtype != dtype:
+                t = t.to(dtype)
+            if not self._inprocess:
+                t = t.cpu()  # a separate engine process receives the bucket serialized
+            out.append((name, t))
+        return out
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
+        if self.llm is None:
+            raise RuntimeError("VLLMSampler.sync_weights called before setup")
+        dtype = self.llm.llm_engine.model_config.dtype
+        if self.enable_sleep_mode and self._asleep:
+            self.llm.wake_up(tags=["weights"])  # weights first: loading into discarded memory is lost
+        nbytes, buckets, tensors = 0, 0, 0
+        self.llm.collective_rpc(_worker_start_update)
+        try:
+            for bucket in self._buckets(model, dtype):
+                self.llm.collective_rpc(_worker_load_bucket, args=(bucket,))
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                buckets += 1
+                tensors += len(bucket)
+        finally:
+            self.llm.collective_rpc(_worker_finish_update)
+        if self.enable_sleep_mode and self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])  # KV cache last, after the new weights are in place
+            self._asleep = False
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets),
+                "weight_sync_tensors": float(tensors)}
+
+    # ------------------------------------------------------------------------------------------------- sampling
+    def _request_params(self, params: SamplingParams, seed: int, vllm):
+        greedy = params.temperature <= 0
+        kwargs = dict(n=params.n, max_tokens=params.max_new_tokens, logprobs=0, seed=seed, detokenize=False,
+                      temperature=0.0 if greedy else params.temperature,
+                      top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else params.top_k)
+        kwargs.update(self.sampling_kwargs)
+        return vllm.SamplingParams(**kwargs)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        if self.llm is None:
+            raise RuntimeError("VLLMSampler.generate called before setup")
+        vllm = import_vllm()
+        from vllm.inputs import TokensPrompt
+
+        if self.enable_sleep_mode and self._asleep:  # generate without a sync in between (e.g. validation)
+            self.llm.wake_up(tags=["weights"])
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        # one seed per prompt: a shared per-request seed would give every prompt the same random stream
+        requests = [self._request_params(params, (params.seed * 1_000_003 + i) % (2 ** 31), vllm)
+                    for i in range(len(prompt_ids))]
+        truncating = params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
+        want_logprobs = not truncating or bool(self.logprob_hook)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], requests,
+                                    use_tqdm=False)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        completions: list[list[int]] = []
+        finished: list[bool] = []
+        logprobs: list[list[float]] = []
+        for out in outputs:
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                completions.append(ids)
+                finished.append(c.finish_reason == "stop" or (eos is not None and bool(ids) and ids[-1] == eos))
+                if want_logprobs:
+                    logprobs.append([float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)])
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+        return Generation(completions, finished, logprobs if want_logprobs else None)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+__all__ = ["VLLMSampler", "import_vllm", "CPU_HEAD_SIZES"]
