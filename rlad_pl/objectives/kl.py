@@ -29,11 +29,11 @@ from rlad_pl.divergences import (chunked_divergence, clipped_forward_kl_lp, entr
                                  generalized_jsd_lp, reverse_kl_lp, skew_forward_kl_lp, skew_reverse_kl_lp,
                                  student_logprobs, teacher_logprobs)
 from rlad_pl.errors import ConfigError
-from rlad_pl.objectives.base import (STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES, StudentOutputs, TokenObjective,
-                                     masked_mean)
+from rlad_pl.objectives.base import (DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES,
+                                     StudentOutputs, TokenObjective, masked_mean)
 
 Divergence = Literal["forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward"]
-PrefixSource = Literal["student", "teacher"]
+PrefixSource = Literal["student", "teacher", "dataset"]
 DIVERGENCES = ("forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward")
 
 
@@ -52,7 +52,8 @@ class TokenKL(TokenObjective):
         clip_kappa: per-entry upper clip of ``clipped_forward`` (ReNIO release 0.05); null: no upper clip.
         clip_lower: per-entry lower clip of ``clipped_forward`` (release 0); null: no lower clip.
         prefix_source: ``student`` (on-policy rollouts) or ``teacher`` (the data module samples the responses from
-            the teacher; adds ``teacher_prefixes`` to ``requires``).
+            the teacher; adds ``teacher_prefixes`` to ``requires``) or ``dataset`` (the task's reference solutions,
+            outside the 2x2; adds ``dataset_prefixes``).
         chunk_size: response positions per LM-head chunk (peak memory ~ ``chunk_size * V * 4 bytes * a few``).
         log_stats: also log the token-mean FKL, RKL and student entropy (a few extra elementwise ops per chunk).
 
@@ -79,8 +80,9 @@ class TokenKL(TokenObjective):
             raise ConfigError(f"{n}.clip_kappa", f"expected a positive per-entry clip or null, got {clip_kappa}")
         if clip_kappa is not None and clip_lower is not None and clip_lower >= clip_kappa:
             raise ConfigError(f"{n}.clip_lower", f"expected a value below clip_kappa={clip_kappa}, got {clip_lower}")
-        if prefix_source not in ("student", "teacher"):
-            raise ConfigError(f"{n}.prefix_source", f"expected 'student' or 'teacher', got '{prefix_source}'")
+        if prefix_source not in ("student", "teacher", "dataset"):
+            raise ConfigError(f"{n}.prefix_source",
+                              f"expected 'student', 'teacher' or 'dataset', got '{prefix_source}'")
         if chunk_size < 1:
             raise ConfigError(f"{n}.chunk_size", f"expected a positive number of positions, got {chunk_size}")
         self.divergence, self.kl_mix_lambda, self.jsd_beta = divergence, float(kl_mix_lambda), float(jsd_beta)
@@ -88,6 +90,8 @@ class TokenKL(TokenObjective):
         self.prefix_source, self.chunk_size, self.log_stats = prefix_source, chunk_size, log_stats
         if prefix_source == "teacher":
             self.requires = self.requires | {TEACHER_PREFIXES}
+        elif prefix_source == "dataset":
+            self.requires = self.requires | {DATASET_PREFIXES}
 
     def divergence_lp(self, logq: Tensor, logp: Tensor) -> Tensor:
         """``D`` from student / teacher log-probs ``[..., V]`` -> ``[...]``."""

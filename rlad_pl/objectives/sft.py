@@ -8,7 +8,8 @@ With ``prefix_source: teacher`` (default) the data module samples the responses 
 with the task verifier, so ``batch.rewards`` holds the teacher traces' rewards and ``min_reward`` keeps only correct
 traces ("reject-sampled teacher outputs"). Rejected responses get weight 0 but still count in the step's loss
 denominators, so the loss scale shrinks with the rejection rate. ``prefix_source: student`` trains on the student's
-own accepted samples (rejection-sampling fine-tuning).
+own accepted samples (rejection-sampling fine-tuning); ``prefix_source: dataset`` trains on the task's reference
+solutions (adds ``dataset_prefixes``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch
 from rlad_pl.errors import ConfigError
-from rlad_pl.objectives.base import TEACHER_PREFIXES, StudentOutputs, TokenObjective, masked_mean
+from rlad_pl.objectives.base import DATASET_PREFIXES, TEACHER_PREFIXES, StudentOutputs, TokenObjective, masked_mean
 
 
 def rejection_weights(rewards: Tensor, min_reward: Optional[float]) -> Tensor:
@@ -35,20 +36,24 @@ class SFT(TokenObjective):
 
     Args:
         prefix_source: ``teacher`` (default; offline distillation on teacher traces, adds ``teacher_prefixes`` to
-            ``requires`` and needs ``model.teacher``) or ``student``.
+            ``requires`` and needs ``model.teacher``), ``dataset`` (reference solutions, adds ``dataset_prefixes``)
+            or ``student``.
         min_reward: keep only responses with ``reward >= min_reward`` (null: keep all).
 
     Metrics: ``nll`` (token-mean NLL over kept responses), ``kept_frac`` (share of responses kept).
     """
 
-    def __init__(self, prefix_source: Literal["teacher", "student"] = "teacher", min_reward: Optional[float] = None,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+    def __init__(self, prefix_source: Literal["teacher", "dataset", "student"] = "teacher",
+                 min_reward: Optional[float] = None, weight: float = 1.0, name: Optional[str] = None,
+                 loss_agg: Optional[str] = None):
         super().__init__(weight=weight, name=name, loss_agg=loss_agg)
-        if prefix_source not in ("teacher", "student"):
-            raise ConfigError(f"{self.name}.prefix_source", f"expected 'teacher' or 'student', got '{prefix_source}'")
+        if prefix_source not in ("teacher", "dataset", "student"):
+            raise ConfigError(f"{self.name}.prefix_source",
+                              f"expected 'teacher', 'dataset' or 'student', got '{prefix_source}'")
         self.prefix_source, self.min_reward = prefix_source, min_reward
         self.needs_teacher = prefix_source == "teacher"
-        self.requires = frozenset({TEACHER_PREFIXES}) if self.needs_teacher else frozenset()
+        self.requires = frozenset({TEACHER_PREFIXES} if prefix_source == "teacher" else
+                                  {DATASET_PREFIXES} if prefix_source == "dataset" else ())
 
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         keep = rejection_weights(batch.rewards, self.min_reward).to(out.logprobs.dtype)
