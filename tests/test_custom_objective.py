@@ -40,3 +40,20 @@ def test_custom_objective_by_class_path(tmp_path):
     assert scalars(log_dir, "lenpen/coef") == [0.25, 0.25]
     assert len(scalars(log_dir, "lenpen/mean_logprob")) == 2
     assert len(scalars(log_dir, "grpo/loss")) == 2
+
+
+def starts_with_a(completion: str, problem) -> float:
+    """A user reward function: 1 if the response starts with 'a'."""
+    return float(completion.startswith("a"))
+
+
+def test_custom_reward_callable_by_import_path(tmp_path):
+    cli = run_cli("fit", "--config", str(CONFIGS / "grpo_tiny.yaml"), "--trainer.max_epochs", "1",
+                  "--trainer.default_root_dir", str(tmp_path), "--data.reward", "test_custom_objective.starts_with_a",
+                  "--export.enabled", "false")
+    dm = cli.datamodule
+    assert dm.reward is starts_with_a
+    rewards = scalars(Path(cli.trainer.log_dir), "rollout/reward_mean")
+    texts = [c for _, c, _ in dm.samples]
+    assert len(rewards) == 1 and 0.0 <= rewards[0] <= 1.0
+    assert all(r in (0.0, 1.0) for _, _, r in dm.samples) and texts

@@ -118,17 +118,7 @@ class RolloutDataModule(L.LightningDataModule):
         return self.steps_per_rollout * self.ppo_epochs
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Apply the chat template when the tokenizer has one; otherwise prepend BOS when it has one."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(text)["input_ids"]
-            if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-                ids = [tok.bos_token_id] + ids
-        return ids
+        return encode_prompt(self.tokenizer, text)
 
     def _prepare_sampler(self) -> dict[str, float]:
         """Sync the current student into the engine once per optimizer step."""
@@ -314,6 +304,19 @@ class RolloutDataModule(L.LightningDataModule):
         truncated = torch.tensor([not f for f in gen.finished])
         return EvalResult(scores.view(-1, k), lengths.view(-1, k), truncated.view(-1, k),
                           [p.difficulty for p in problems])
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt token ids: the chat template (one user turn + generation prompt) when the tokenizer has one;
+    otherwise the plain encoding with BOS prepended when the tokenizer has a BOS token."""
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text)["input_ids"]
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    return ids
 
 
 def pad_rows_float(rows: list[list[float]], length: int) -> torch.Tensor:
