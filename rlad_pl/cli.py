@@ -11,6 +11,7 @@ Bad input ends in one line on stderr that names the field (exit code 2).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Optional
 
@@ -37,19 +38,27 @@ def _cli_class():
     return RLADCLI
 
 
+#: what a class_path under each key must name, for error messages
+_EXPECTED_CLASS = {"model.objectives": "an rlad_pl.objectives.Objective subclass, e.g. rlad_pl.objectives.GRPO",
+                   "data.task": "an rlad_pl.data.Task subclass, e.g. rlad_pl.data.ReasoningGymTask",
+                   "data.sampler": "an rlad_pl.rollout.Sampler subclass, e.g. rlad_pl.rollout.HFSampler",
+                   "data.reward": "a callable (completion, problem) -> float"}
+
+
 def _one_line(err: BaseException) -> str:
-    """Condense a jsonargparse / Lightning error to its first informative line."""
+    """Condense a jsonargparse error to one line: ``<field>: <what is wrong> (<what was expected>)``."""
     text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    head = lines[0]
-    # jsonargparse nests the reason on following lines ("- ..."); keep the most specific one
-    detail = next((ln.lstrip("- ") for ln in lines[1:] if "class_path" in ln or "does not" in ln
-                   or "Expected" in ln or "not found" in ln or "Unable to import" in ln), None)
-    if detail and detail not in head:
-        head = f"{head} {detail}"
-    return head[:500]
+    key = re.search(r'Parser key "([^"]+)"', text)
+    field = key.group(1) if key else None
+    bad_class = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", text)
+    if field and bad_class:
+        expected = _EXPECTED_CLASS.get(field, "an importable class")
+        return f"{field}: cannot use class_path '{bad_class.group(1)}' ({bad_class.group(2).strip()}); expected {expected}"
+    lines = [ln.strip().lstrip("- ") for ln in text.splitlines() if ln.strip()]
+    details = [ln for ln in lines[1:] if not ln.startswith("Expected a path but")]
+    if field and details:
+        return f"{field}: {details[0]}"[:500]
+    return (lines[0] if lines else type(err).__name__)[:500]
 
 
 def main(args: Optional[list[str]] = None, run: bool = True):
