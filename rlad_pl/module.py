@@ -22,6 +22,7 @@ from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.errors import ConfigError
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
+from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
 from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
                                      TEACHER_HIDDEN, TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
@@ -55,6 +56,8 @@ class DistillationModule(L.LightningModule):
         dtype: student weights dtype; ``teacher_dtype`` defaults to it.
         gradient_checkpointing: recompute transformer blocks in backward.
         log_entropy: log the student token entropy (computed in the same chunked pass).
+        log_sampler_mismatch: when the sampler reports log-probs (vLLM), recompute them with the training model and
+            log the per-token mismatch (``mismatch/*``): mean absolute difference and a KL estimate.
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -63,7 +66,7 @@ class DistillationModule(L.LightningModule):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, grad_clip: Optional[float] = 1.0,
                  temperature: Optional[float] = None, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
                  dtype: str = "float32", teacher_dtype: Optional[str] = None, gradient_checkpointing: bool = False,
-                 log_entropy: bool = True):
+                 log_entropy: bool = True, log_sampler_mismatch: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -89,7 +92,7 @@ class DistillationModule(L.LightningModule):
         if temperature is not None and temperature <= 0:
             raise ConfigError("model.temperature", f"expected a positive temperature, got {temperature}")
         self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
-        self.log_entropy = log_entropy
+        self.log_entropy, self.log_sampler_mismatch = log_entropy, log_sampler_mismatch
 
         self.tokenizer = load_tokenizer(tokenizer or student, "model.tokenizer" if tokenizer else "model.student")
         self.student = load_causal_lm(student, "model.student", dtype)
@@ -166,30 +169,48 @@ class DistillationModule(L.LightningModule):
         return torch.where(bad, torch.full_like(logp, LOGPROB_FLOOR), logp)
 
     @torch.no_grad()
-    def annotate_rollouts(self, rollout: RolloutBatch, need_old: bool) -> None:
-        """Fill old / reference / teacher log-probs of a fresh rollout batch, before any update on it."""
+    def annotate_rollouts(self, rollout: RolloutBatch, need_old: bool) -> dict[str, float]:
+        """Fill old / reference / teacher log-probs of a fresh rollout batch, before any update on it.
+
+        Old log-probs are computed when several updates share the batch (``need_old``), for TIS correction, and
+        whenever the sampler reported its own log-probs and ``log_sampler_mismatch`` is on, to measure the
+        train / inference mismatch. Returns timings and mismatch statistics to log.
+        """
+        has_sampler_lp = rollout.sampler_logprobs is not None
         jobs = []
-        if (OLD_LOGPROBS in self.requires and need_old) or SAMPLER_LOGPROBS in self.requires:
-            jobs.append(("old_logprobs", self.student, False))
+        if ((OLD_LOGPROBS in self.requires and need_old) or SAMPLER_LOGPROBS in self.requires
+                or (has_sampler_lp and self.log_sampler_mismatch)):
+            jobs.append(("old", self.student, False))
         if REF_LOGPROBS in self.requires:
-            jobs.append(("ref_logprobs", self.reference, False))
+            jobs.append(("ref", self.reference, False))
         if TEACHER_LOGPROBS in self.requires:
-            jobs.append(("teacher_logprobs", self.teacher, True))
+            jobs.append(("teacher", self.teacher, True))
+        if SAMPLER_LOGPROBS in self.requires and not has_sampler_lp:
+            raise ConfigError("data.sampler", "an objective needs the sampler's log-probs (TIS correction) but "
+                              "this sampler does not report them; use rlad_pl.rollout.vllm.VLLMSampler")
+        stats: dict[str, float] = {}
         if not jobs:
-            return
+            return stats
         was_training = self.student.training
         self.student.eval()
         try:
-            results = defaultdict(list)
+            results, seconds = defaultdict(list), defaultdict(float)
             for mb in rollout.split(self.annotate_batch_size):
                 mb = mb.to(self.device)
                 for name, model, teacher_layout in jobs:
+                    t0 = time.perf_counter()
                     lp = self._logprobs(model, mb, teacher_layout)
-                    results[name].append(self._sanitize(lp, mb.response_mask, name.split("_")[0]).cpu())
+                    results[name].append(self._sanitize(lp, mb.response_mask, name).cpu())
+                    seconds[name] += time.perf_counter() - t0
         finally:
             self.student.train(was_training)
         for name, parts in results.items():
-            setattr(rollout, name, torch.cat(parts))
+            setattr(rollout, f"{name}_logprobs", torch.cat(parts))
+            stats[f"timing/{name}_logprobs"] = seconds[name]
+        if has_sampler_lp and rollout.old_logprobs is not None:
+            mism = logprob_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.response_mask)
+            stats.update({k: float(v) for k, v in mism.items()})
+        return stats
 
     def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
         hidden = response_hidden(self.student, batch.input_ids, batch.attention_mask, batch.prompt_len)

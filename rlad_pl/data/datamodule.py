@@ -268,7 +268,7 @@ class RolloutDataModule(L.LightningDataModule):
         seed = self.seed + 1_000_003 * epoch + 7919 * rank
         rollout = self.make_rollout(problems, seed)
         t0 = time.perf_counter()
-        self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1)
+        self.rollout_stats.update(self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1))
         self.rollout_stats["timing/annotate"] = time.perf_counter() - t0
         return DataLoader(self.make_steps(rollout, seed), batch_size=None, shuffle=False, collate_fn=_identity)
 
