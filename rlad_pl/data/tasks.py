@@ -209,20 +209,25 @@ class CharFrequencyTask(Task):
     """Random prompts over ``alphabet``; the reward is the fraction of ``target`` characters in the response.
 
     A randomly initialised tiny model starts near ``1/vocab`` and can climb this quickly: a smoke test for RL.
+    Each problem also carries a privileged prompt (``"<target>:" + prompt``, for self-distillation) and a reference
+    solution (``target`` repeated ``solution_length`` times, for supervised objectives).
     """
 
-    def __init__(self, target: str = "a", alphabet: str = "0123456789", prompt_length: int = 4):
+    def __init__(self, target: str = "a", alphabet: str = "0123456789", prompt_length: int = 4,
+                 solution_length: int = 8):
         if len(target) != 1:
             raise ConfigError(f"{self.field}.target", f"expected one character, got '{target}'")
         self.target, self.alphabet, self.prompt_length = target, alphabet, prompt_length
+        self.solution_length = solution_length
 
     def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
         base = {"train": 0, "val": 10**9, "test": 2 * 10**9}[split]
         out = []
         for i in range(offset, offset + count):
             rng = random.Random(base + i)
-            out.append(Problem(prompt="".join(rng.choice(self.alphabet) for _ in range(self.prompt_length)),
-                               answer=self.target))
+            prompt = "".join(rng.choice(self.alphabet) for _ in range(self.prompt_length))
+            out.append(Problem(prompt=prompt, answer=self.target, privileged=f"{self.target}:{prompt}",
+                               solution=self.target * self.solution_length))
         return out
 
     def verify(self, completion: str, problem: Problem) -> float:
