@@ -176,7 +176,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
                        vocab_size: Optional[int] = None, temperature: float = 1.0,
                        student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                        mask: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, ...]]:
-    """Per-position ``fn(z_s / T, z_t / T)`` with ``z_s = W_s h_s + b_s`` and ``z_t = W_t h_t + b_t`` -> ``[N, R]`` fp32.
+    """Per-position ``fn(z_s / T, z_t / T)``, ``z_s = W_s h_s + b_s``, ``z_t = W_t h_t + b_t`` -> ``[N, R]`` fp32.
 
     ``student_hidden [N, R, H]`` / ``teacher_hidden [N, R, H_T]`` are the final hidden states predicting each
     response token; ``*_weight [V, H]`` the LM heads. Both weights (and biases) are sliced to their first

@@ -112,9 +112,9 @@ def build(case, full_vocab: bool):
                          rewards=rewards, advantages=group_advantages(rewards, case["g"]), group_ids=torch.zeros(n),
                          old_logprobs=old, ref_logprobs=teacher.clone(), teacher_logprobs=teacher,
                          sampler_logprobs=sampler)
-    out = StudentOutputs(logprobs=logp, hidden=hidden if full_vocab else None, lm_head=head if full_vocab else None,
-                         teacher_hidden=t_hidden if full_vocab else None, teacher_lm_head=t_head if full_vocab else None,
-                         vocab_size=V, temperature=1.1)
+    out = StudentOutputs(logprobs=logp, vocab_size=V, temperature=1.1)
+    if full_vocab:
+        out.hidden, out.lm_head, out.teacher_hidden, out.teacher_lm_head = hidden, head, t_hidden, t_head
     return batch, out, hidden, head
 
 

@@ -77,6 +77,8 @@ def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: fl
 
 
 def clip_metrics(ratio: Tensor, clipped_low: Tensor, clipped_high: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Token shares ``clip_frac_low`` (r < 1 - eps_low, A < 0) and ``clip_frac_high`` (r > 1 + eps_high, A > 0),
+    mean and max of ``r`` over valid tokens."""
     return {"clip_frac_low": masked_mean(clipped_low.float(), mask),
             "clip_frac_high": masked_mean(clipped_high.float(), mask),
             "ratio_mean": masked_mean(ratio, mask),

@@ -183,7 +183,10 @@ class GKDJSD(TokenKL):
 
 
 class SkewKL(TokenKL):
-    """DistiLLM: ``forward`` ``KL(p || a p + (1-a) q)`` or ``reverse`` ``KL(q || a q + (1-a) p)``, ``a = skew_alpha``."""
+    """DistiLLM skew KL with ``a = skew_alpha``.
+
+    ``direction: forward``: ``v_t = KL(p || a p + (1-a) q)``; ``direction: reverse``: ``v_t = KL(q || a q + (1-a) p)``.
+    """
 
     def __init__(self, skew_alpha: float = 0.1, direction: Literal["forward", "reverse"] = "forward",
                  prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
