@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-import torch
+
+from rlad_pl.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
 
 
 class HFExport(L.Callback):
@@ -38,7 +39,8 @@ class HFExport(L.Callback):
         if not self.enabled:
             return
         out = self.resolve_dir(trainer)
-        state = full_state_dict(pl_module.student)  # a collective under sharding: every rank joins
+        # a collective under sharding: every rank gathers bucket by bucket; only rank 0 keeps (and writes) the result
+        state = full_state_dict(pl_module.student, rank0_only=True)
         if trainer.is_global_zero:
             os.makedirs(out, exist_ok=True)
             pl_module.student.save_pretrained(out, state_dict=state, safe_serialization=self.safe_serialization)
@@ -46,12 +48,3 @@ class HFExport(L.Callback):
             self.last_path = out
         trainer.strategy.barrier("hf_export")
 
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU copy of ``model``'s state dict (gathers FSDP2 ``DTensor`` shards on every rank)."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        out[name] = t.detach().to("cpu")
-    return out

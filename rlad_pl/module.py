@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch, StepBatch
+from rlad_pl.distributed import reshard, root_call
 from rlad_pl.errors import ConfigError
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
@@ -58,6 +59,9 @@ class DistillationModule(L.LightningModule):
         log_entropy: log the student token entropy (computed in the same chunked pass).
         log_sampler_mismatch: when the sampler reports log-probs (vLLM), recompute them with the training model and
             log the per-token mismatch (``mismatch/*``): mean absolute difference and a KL estimate.
+        fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2), compute in this dtype (``bf16``, ``fp16``)
+            with fp32 gradient reduction and fp32 sharded master weights (FSDP2 ``MixedPrecisionPolicy``; GPU). None:
+            compute in the parameters' dtype.
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -66,7 +70,8 @@ class DistillationModule(L.LightningModule):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, grad_clip: Optional[float] = 1.0,
                  temperature: Optional[float] = None, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
                  dtype: str = "float32", teacher_dtype: Optional[str] = None, gradient_checkpointing: bool = False,
-                 log_entropy: bool = True, log_sampler_mismatch: bool = True):
+                 log_entropy: bool = True, log_sampler_mismatch: bool = True,
+                 fsdp_mixed_precision: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -117,6 +122,22 @@ class DistillationModule(L.LightningModule):
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
         self.counters: dict[str, float] = defaultdict(float)
         self.val_metric: Optional[MeanPassAtK] = None
+        self.fsdp_mixed_precision = fsdp_mixed_precision
+        # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
+        self.register_state_dict_post_hook(_drop_frozen_keys)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (each transformer block, then
+        the root with the embeddings and tied LM head) over the strategy's device mesh. Other strategies: no-op."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from rlad_pl.distributed import fsdp_mesh, mixed_precision_policy, shard_model
+
+        mesh, policy = fsdp_mesh(mesh), mixed_precision_policy(self.fsdp_mixed_precision)
+        for m in (self.student, self.teacher, self.reference):
+            if m is not None:
+                shard_model(m, mesh, policy)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -157,8 +178,8 @@ class DistillationModule(L.LightningModule):
             ids, mask, P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
         else:
             ids, mask, P = batch.input_ids, batch.attention_mask, batch.prompt_len
-        logp, _ = response_logprobs(model, ids, mask, P, temperature=self.temperature, chunk_size=self.chunk_size,
-                                    vocab_size=self.vocab_size)
+        logp, _ = root_call(model, response_logprobs, model, ids, mask, P, temperature=self.temperature,
+                            chunk_size=self.chunk_size, vocab_size=self.vocab_size)
         return logp
 
     def _sanitize(self, logp: Tensor, mask: Tensor, name: str) -> Tensor:
@@ -204,6 +225,8 @@ class DistillationModule(L.LightningModule):
                     seconds[name] += time.perf_counter() - t0
         finally:
             self.student.train(was_training)
+            for m in (self.teacher, self.reference):
+                reshard(m)  # FSDP2: free the frozen models' gathered embeddings / LM head
         for name, parts in results.items():
             setattr(rollout, f"{name}_logprobs", torch.cat(parts))
             stats[f"timing/{name}_logprobs"] = seconds[name]
@@ -213,7 +236,8 @@ class DistillationModule(L.LightningModule):
         return stats
 
     def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
-        hidden = response_hidden(self.student, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        hidden = root_call(self.student, response_hidden, self.student, batch.input_ids, batch.attention_mask,
+                           batch.prompt_len)
         head = self.student.get_output_embeddings()
         want_entropy = ENTROPY in self.requires or self.log_entropy
         logp, ent = chunked_token_logprobs(hidden, head.weight, batch.response_ids, bias=getattr(head, "bias", None),
@@ -228,7 +252,7 @@ class DistillationModule(L.LightningModule):
                     t_ids, t_mask, t_P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
                 else:
                     t_ids, t_mask, t_P = batch.input_ids, batch.attention_mask, batch.prompt_len
-                out.teacher_hidden = response_hidden(self.teacher, t_ids, t_mask, t_P)
+                out.teacher_hidden = root_call(self.teacher, response_hidden, self.teacher, t_ids, t_mask, t_P)
             out.teacher_lm_head = self.teacher.get_output_embeddings()
         return out
 
@@ -292,7 +316,8 @@ class DistillationModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        logs = {k: torch.stack(v).mean() for k, v in sums.items()}
+        # a micro-batch loss is a partial sum over step-wide denominators: the step's loss is their sum
+        logs = {k: torch.stack(v).sum() if k.endswith("/loss") else torch.stack(v).mean() for k, v in sums.items()}
         logs.update({"train/loss": loss_sum, "train/grad_norm": grad_norm.detach().float(),
                      "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
                      "train/tokens": torch.tensor(denom.num_tokens),
@@ -301,8 +326,9 @@ class DistillationModule(L.LightningModule):
         if batch_idx == 0 and self._has_dm():
             logs.update({k: torch.tensor(float(v)) for k, v in self.trainer.datamodule.rollout_stats.items()})
             self._log_samples()
-        self.log_dict({k: v.to(self.device) for k, v in logs.items()}, on_step=True, on_epoch=False, prog_bar=False,
-                      sync_dist=self.trainer.world_size > 1)
+        for op, keys in _cross_rank_ops(logs).items():  # partial sums add up across ranks, maxima take the max
+            self.log_dict({k: logs[k].to(self.device) for k in keys}, on_step=True, on_epoch=False, prog_bar=False,
+                          sync_dist=self.trainer.world_size > 1, reduce_fx=op)
         self.log("reward", logs.get("rollout/reward_mean", torch.tensor(float("nan"))).to(self.device),
                  prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1) \
             if batch_idx == 0 and "rollout/reward_mean" in logs else None
@@ -355,6 +381,26 @@ class DistillationModule(L.LightningModule):
         if self._eval_lengths:
             logs[f"{prefix}/response_length_mean"] = torch.stack(self._eval_lengths).mean()
         self.log_dict({k: v.to(self.device) for k, v in logs.items()}, sync_dist=True)
+
+
+def _cross_rank_ops(logs: dict) -> dict[str, list[str]]:
+    """How each logged value combines across ranks: ``sum`` for partial sums (losses over step-wide denominators,
+    counters), ``max`` for maxima, ``mean`` for per-rank means over equal-sized rollouts (rewards, fractions)."""
+    ops: dict[str, list[str]] = defaultdict(list)
+    for k in logs:
+        if k.endswith("/loss") or k.startswith("nonfinite/") or k in ("rollout/prompt_truncated",
+                                                                        "rollout/teacher_cache_hits"):
+            ops["sum"].append(k)
+        elif k.endswith("_max"):
+            ops["max"].append(k)
+        else:
+            ops["mean"].append(k)
+    return ops
+
+
+def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:
+    for k in [k for k in state_dict if k.startswith((prefix + "teacher.", prefix + "reference."))]:
+        del state_dict[k]
 
 
 def _known_requirements() -> frozenset[str]:

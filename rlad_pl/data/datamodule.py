@@ -66,6 +66,10 @@ class RolloutDataModule(L.LightningDataModule):
         seed: base seed of the rollout sampling.
         teacher_sampler: engine for teacher-prefix objectives (default: Hugging Face ``generate`` on the teacher).
         teacher_cache_dir: cache teacher-sampled responses on disk and reuse them across epochs and runs.
+        seed_per_prompt: sample each prompt's group in its own engine call, seeded by the prompt's global index
+            (``seed + index``), so training rollouts do not depend on the number of ranks or on
+            ``prompts_per_rollout`` (layout-equivalence tests, reproducible reruns on other hardware layouts).
+            Slower: one ``generate`` per prompt. Default off: one call per rank, seeded by epoch and rank.
     """
 
     def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
@@ -74,7 +78,8 @@ class RolloutDataModule(L.LightningDataModule):
                  scale_std_advantages: bool = True, max_prompt_length: int = 1024, val_prompts: int = 64,
                  val_k: int = 4, val_sampling: Optional[SamplingParams] = None, pass_k: Optional[list[int]] = None,
                  correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0,
-                 teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None):
+                 teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None,
+                 seed_per_prompt: bool = False):
         super().__init__()
         for name, value in (("prompts_per_rollout", prompts_per_rollout), ("group_size", group_size),
                             ("micro_batch_size", micro_batch_size), ("steps_per_rollout", steps_per_rollout),
@@ -97,6 +102,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ConfigError("data.pass_k", f"every k must be <= val_k={val_k}, got {self.pass_k}")
         self.correct_threshold, self.log_samples, self.seed = correct_threshold, log_samples, seed
         self.teacher_sampler, self.teacher_cache_dir = teacher_sampler, teacher_cache_dir
+        self.seed_per_prompt = seed_per_prompt
         self._teacher_ready = False
         self._teacher_cache: Optional[GenerationCache] = None
         self.rollout_stats: dict[str, float] = {}
@@ -202,13 +208,28 @@ class RolloutDataModule(L.LightningDataModule):
         return [x[-self.max_prompt_length:] for x in ids], cut
 
     # ----------------------------------------------------------------------------------------- training
-    def make_rollout(self, problems: list[Problem], seed: int) -> RolloutBatch:
-        """Sample, score and lay out one rollout batch; fills ``rollout_stats`` and ``samples``."""
+    def _generate_per_prompt(self, problems: list[Problem], prompt_ids: list[list[int]], first_index: int
+                             ) -> tuple[Generation, dict[str, float]]:
+        """``seed_per_prompt``: one engine call per prompt, seeded by the prompt's global index."""
+        rows, finished, logprobs, stats = [], [], [], {}
+        for i, (problem, ids) in enumerate(zip(problems, prompt_ids)):
+            gen, stats = self._generate([problem], [ids], self.sampling.with_(seed=self.seed + first_index + i))
+            rows += gen.completion_ids
+            finished += gen.finished
+            logprobs = None if gen.logprobs is None or logprobs is None else logprobs + gen.logprobs
+        return Generation(rows, finished, logprobs), stats
+
+    def make_rollout(self, problems: list[Problem], seed: int, first_index: int = 0) -> RolloutBatch:
+        """Sample, score and lay out one rollout batch; fills ``rollout_stats`` and ``samples``. ``first_index``:
+        global index of ``problems[0]`` (used by ``seed_per_prompt``)."""
         G = self.group_size
         stats = self._prepare_sampler() if self.prefix_source == "student" else {}
         prompt_ids, cut = self._encode_all(problems)
         t0 = time.perf_counter()
-        gen, gen_stats = self._generate(problems, prompt_ids, self.sampling.with_(seed=seed))
+        if self.seed_per_prompt:
+            gen, gen_stats = self._generate_per_prompt(problems, prompt_ids, first_index)
+        else:
+            gen, gen_stats = self._generate(problems, prompt_ids, self.sampling.with_(seed=seed))
         stats.update(gen_stats)
         t1 = time.perf_counter()
         texts = self._decode(gen.completion_ids)
@@ -263,10 +284,10 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world, epoch = trainer.global_rank, trainer.world_size, trainer.current_epoch
-        problems = self.task.problems("train", self.prompts_per_rollout,
-                                      offset=(epoch * world + rank) * self.prompts_per_rollout)
+        offset = (epoch * world + rank) * self.prompts_per_rollout
+        problems = self.task.problems("train", self.prompts_per_rollout, offset=offset)
         seed = self.seed + 1_000_003 * epoch + 7919 * rank
-        rollout = self.make_rollout(problems, seed)
+        rollout = self.make_rollout(problems, seed, first_index=offset)
         t0 = time.perf_counter()
         self.rollout_stats.update(self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1))
         self.rollout_stats["timing/annotate"] = time.perf_counter() - t0

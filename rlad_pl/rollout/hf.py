@@ -11,6 +11,10 @@ from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 class HFSampler(Sampler):
     """Samples with ``model.generate`` on the live student (no weight copy, so ``sync_weights`` only rebinds).
 
+    An FSDP2-sharded model is different: ``generate`` stops when a rank's own sequences end, so ranks would fall out
+    of step in the per-layer all-gathers. ``sync_weights`` then gathers the weights (a collective: every rank calls
+    it) into a plain rank-local copy, refreshed in place at each sync, and sampling runs on it without collectives.
+
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV cache).
     """
@@ -18,12 +22,19 @@ class HFSampler(Sampler):
     def __init__(self, batch_size: int = 64):
         self.batch_size = batch_size
         self.model = None
+        self._copy = None  # unsharded copy of a sharded model
 
     def setup(self, model, tokenizer) -> None:
         super().setup(model, tokenizer)
         self.model = model
 
     def sync_weights(self, model) -> dict[str, float]:
+        from rlad_pl.distributed import is_sharded, unsharded_copy
+
+        if is_sharded(model):
+            self._copy, nbytes = unsharded_copy(model, self._copy)
+            self.model = self._copy
+            return {"weight_sync_bytes": float(nbytes)}
         self.model = model
         return {"weight_sync_bytes": 0.0}
 
