@@ -138,6 +138,20 @@ def test_sampler_logprobs_match_trainer(env, temperature, top_p, top_k):
     assert diff < LOGPROB_ATOL, f"T={temperature} top_p={top_p} top_k={top_k}: max |diff| {diff:.2e}"
 
 
+def test_every_sample_has_its_own_random_stream(env):
+    """vLLM seeds request children with seed + k: prompts must not share streams (same prompt -> same samples)."""
+    from rlad_pl.rollout import SamplingParams
+
+    vs, tok = env["vllm"], env["tok"]
+    prompt = _prompts(tok, n=1)[0]
+    params = SamplingParams(temperature=2.0, max_new_tokens=16, n=4, seed=11)
+    gen = vs.generate([prompt] * 4, params)
+    assert len({tuple(c) for c in gen.completion_ids}) == 16
+    again = vs.generate([prompt] * 4, params)
+    assert again.completion_ids == gen.completion_ids  # reproducible for a fixed seed
+    assert vs.generate([prompt] * 4, params.with_(seed=12)).completion_ids != gen.completion_ids
+
+
 def test_sync_stats_and_tied_embedding(env):
     student, tok, vs = env["student"], env["tok"], env["vllm"]
     assert student.config.tie_word_embeddings

@@ -39,6 +39,7 @@ student with another ``hidden_size / num_attention_heads`` is refused at ``setup
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -242,6 +243,7 @@ class VLLMSampler(Sampler):
         self._asleep = False
         self._inprocess = True
         self._tied = False
+        self._owns_dist = False
         if importlib.util.find_spec("vllm") is None:  # fail at config time (cheaply), with the install hint
             raise ConfigError("data.sampler", _MISSING)
 
@@ -295,6 +297,7 @@ class VLLMSampler(Sampler):
         # the CPU worker lowers torch's intra-op threads to 1 and disables torch.set_num_threads for the whole
         # process; in-process that would also throttle training, so both are restored afterwards
         set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+        self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         try:
             self.llm = vllm.LLM(**kwargs)
         finally:
@@ -323,16 +326,25 @@ class VLLMSampler(Sampler):
                                               f"{config.hidden_size} / {heads} heads); use HFSampler or such a model")
 
     def close(self) -> None:
-        """Shut the engine down and delete the temporary model directory."""
+        """Shut the engine down, release vLLM's process groups (the default one only if vLLM created it) and delete
+        the temporary model directory. A later ``setup`` starts a fresh engine."""
         if self.llm is not None:
             try:
-                engine = getattr(self.llm, "llm_engine", None)
-                core = getattr(engine, "engine_core", None)
+                core = getattr(self.llm.llm_engine, "engine_core", None)
                 if core is not None and hasattr(core, "shutdown"):
                     core.shutdown()
             except Exception:  # pragma: no cover - best effort at teardown
-                pass
+                log.debug("VLLMSampler: engine shutdown failed", exc_info=True)
             self.llm = None
+            gc.collect()
+            try:
+                from vllm.distributed import parallel_state as ps
+
+                ps.destroy_model_parallel()
+                if self._owns_dist:
+                    ps.destroy_distributed_environment()
+            except Exception:  # pragma: no cover
+                log.debug("VLLMSampler: process-group cleanup failed", exc_info=True)
         if self.model_dir is not None:
             shutil.rmtree(self.model_dir, ignore_errors=True)
             self.model_dir = None
@@ -419,9 +431,10 @@ class VLLMSampler(Sampler):
             self.llm.wake_up(tags=["weights"])
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
-        # one seed per prompt: a shared per-request seed would give every prompt the same random stream
-        requests = [self._request_params(params, (params.seed * 1_000_003 + i) % (2 ** 31), vllm)
-                    for i in range(len(prompt_ids))]
+        # vLLM seeds the n children of a request with seed + 0 .. seed + n-1, so prompts get seeds n apart: every
+        # (prompt, sample) has its own random stream (one shared seed would replay the same noise for every prompt)
+        base = _mix_seed(params.seed)
+        requests = [self._request_params(params, base + i * params.n, vllm) for i in range(len(prompt_ids))]
         truncating = params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
         want_logprobs = not truncating or bool(self.logprob_hook)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], requests,
@@ -441,6 +454,14 @@ class VLLMSampler(Sampler):
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
         return Generation(completions, finished, logprobs if want_logprobs else None)
+
+
+def _mix_seed(seed: int) -> int:
+    """A 31-bit hash of ``seed`` (splitmix64 finalizer), so consecutive rollout seeds start far apart."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFF
 
 
 def _is_dtensor(t) -> bool:
