@@ -1,2 +1,3 @@
+from rlad_pl.data.chain_sum import ChainSumTask  # noqa: F401
 from rlad_pl.data.rewards import ExactMatchReward, FormatAnswerReward, Reward  # noqa: F401
 from rlad_pl.data.tasks import CharFrequencyTask, JSONLTask, Problem, ReasoningGymTask, Task  # noqa: F401
