@@ -71,6 +71,37 @@ class RolloutBatch:
     def split(self, micro_batch_size: int) -> list["RolloutBatch"]:
         return [self.select(slice(i, i + micro_batch_size)) for i in range(0, self.num_sequences, micro_batch_size)]
 
+    def trim_padding(self) -> "RolloutBatch":
+        """Drop the columns that are padding in every row: leading prompt columns and trailing response columns
+        (also of the privileged teacher layout and of every ``[N, R]`` per-token field). Positions come from the
+        attention mask, so the model sees the same real tokens: results are unchanged, only the width shrinks."""
+        if self.num_sequences == 0:
+            return self
+        R = self.response_len
+        real = self.response_mask.bool().any(0).nonzero()
+        r_keep = max(1, int(real[-1]) + 1) if real.numel() else 1
+
+        def lead(mask: Tensor, p: int) -> int:  # all-pad leading prompt columns; keep >= 1 prompt column
+            cols = mask[:, :p].bool().any(0).nonzero()
+            return min(int(cols[0]) if cols.numel() else p, p - 1)
+
+        changes: dict = {}
+        cut = lead(self.attention_mask, self.prompt_len)
+        changes.update(input_ids=self.input_ids[:, cut:self.prompt_len + r_keep],
+                       attention_mask=self.attention_mask[:, cut:self.prompt_len + r_keep],
+                       prompt_len=self.prompt_len - cut)
+        if self.teacher_input_ids is not None:
+            tp = self.teacher_prompt_len
+            tcut = lead(self.teacher_attention_mask, tp)
+            changes.update(teacher_input_ids=self.teacher_input_ids[:, tcut:tp + r_keep],
+                           teacher_attention_mask=self.teacher_attention_mask[:, tcut:tp + r_keep],
+                           teacher_prompt_len=tp - tcut)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in changes and isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == R:
+                changes[f.name] = v[:, :r_keep]
+        return replace(self, **changes)
+
 
 @dataclass
 class StepBatch:

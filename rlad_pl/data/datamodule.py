@@ -70,6 +70,9 @@ class RolloutDataModule(L.LightningDataModule):
             (``seed + index``), so training rollouts do not depend on the number of ranks or on
             ``prompts_per_rollout`` (layout-equivalence tests, reproducible reruns on other hardware layouts).
             Slower: one ``generate`` per prompt. Default off: one call per rank, seeded by epoch and rank.
+        group_by_length: order the sequences of each optimizer step by length before cutting micro-batches (the
+            step's loss and gradient are unchanged; micro-batches of similar length pad less). Micro-batches are
+            always trimmed to their own longest prompt and response.
     """
 
     def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
@@ -79,7 +82,8 @@ class RolloutDataModule(L.LightningDataModule):
                  val_k: int = 4, val_sampling: Optional[SamplingParams] = None, pass_k: Optional[list[int]] = None,
                  correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0,
                  teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None,
-                 seed_per_prompt: bool = False):
+                 seed_per_prompt: bool = False,
+                 group_by_length: bool = False):
         super().__init__()
         for name, value in (("prompts_per_rollout", prompts_per_rollout), ("group_size", group_size),
                             ("micro_batch_size", micro_batch_size), ("steps_per_rollout", steps_per_rollout),
@@ -93,6 +97,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.sampler = sampler if sampler is not None else HFSampler()
         self.prompts_per_rollout, self.group_size = prompts_per_rollout, group_size
         self.micro_batch_size, self.steps_per_rollout, self.ppo_epochs = micro_batch_size, steps_per_rollout, ppo_epochs
+        self.group_by_length = group_by_length
         self.sampling = (sampling or SamplingParams()).with_(n=group_size)
         self.val_sampling = (val_sampling or self.sampling).with_(n=val_k)
         self.scale_std_advantages, self.max_prompt_length = scale_std_advantages, max_prompt_length
@@ -272,12 +277,15 @@ class RolloutDataModule(L.LightningDataModule):
         n = rollout.num_sequences
         per_step = n // self.steps_per_rollout
         gen = torch.Generator().manual_seed(seed)
+        lengths = rollout.attention_mask.sum(-1)
         steps = []
         for epoch in range(self.ppo_epochs):
             order = torch.randperm(n, generator=gen) if self.updates_per_rollout > 1 else torch.arange(n)
             for s in range(self.steps_per_rollout):
                 idx = order[s * per_step:(s + 1) * per_step]
-                steps.append(StepBatch([rollout.select(idx[j:j + self.micro_batch_size])
+                if self.group_by_length:  # same step, same loss; micro-batches of similar length pad less
+                    idx = idx[torch.argsort(lengths[idx], stable=True)]
+                steps.append(StepBatch([rollout.select(idx[j:j + self.micro_batch_size]).trim_padding()
                                         for j in range(0, per_step, self.micro_batch_size)]))
         return steps
 

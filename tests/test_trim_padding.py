@@ -1,0 +1,69 @@
+"""Micro-batches trimmed to their own padding (``RolloutBatch.trim_padding``) and ordered by length
+(``data.group_by_length``) give the same log-probs and the same step gradient as untrimmed ones."""
+
+from __future__ import annotations
+
+import torch
+
+from rlad_pl.batch import RolloutBatch, build_sequences
+from rlad_pl.logprobs import response_logprobs
+from rlad_pl.models import build_tiny_qwen2
+
+
+def _batch(seed: int = 0) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 18, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (6,), generator=g)]
+    resp = [torch.randint(3, 18, (int(n),), generator=g).tolist() + [2] for n in torch.randint(1, 12, (6,), generator=g)]
+    prompts.append([5])  # one very short row, so the others carry padding
+    resp.append([7, 2])
+    ids, mask, P, rmask = build_sequences(prompts, resp, 0)
+    n = ids.shape[0]
+    return RolloutBatch(ids, mask, P, rmask, torch.rand(n, generator=g), torch.randn(n, generator=g),
+                        torch.arange(n), teacher_logprobs=-torch.rand(rmask.shape, generator=g),
+                        teacher_input_ids=ids.clone(), teacher_attention_mask=mask.clone(), teacher_prompt_len=P)
+
+
+def test_trim_padding_keeps_real_tokens_and_logprobs():
+    torch.manual_seed(0)
+    model = build_tiny_qwen2(18, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64).eval()
+    full = _batch()
+    for rows in ([0, 1], [6], [2, 3, 4], list(range(7))):
+        mb = full.select(torch.tensor(rows))
+        t = mb.trim_padding()
+        assert t.input_ids.shape[1] <= mb.input_ids.shape[1]
+        assert t.response_mask.sum() == mb.response_mask.sum()
+        R = t.response_len
+        assert t.response_mask.shape[1] == R == t.teacher_logprobs.shape[1]
+        assert t.teacher_input_ids.shape == t.input_ids.shape and t.teacher_prompt_len == t.prompt_len
+        torch.testing.assert_close(t.teacher_logprobs, mb.teacher_logprobs[:, :R])
+        with torch.no_grad():
+            a, _ = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len)
+            b, _ = response_logprobs(model, t.input_ids, t.attention_mask, t.prompt_len)
+        m = t.response_mask.bool()
+        torch.testing.assert_close(b[m], a[:, :R][m], atol=1e-5, rtol=1e-5)
+        assert mb.response_mask[:, R:].sum() == 0
+
+
+def test_group_by_length_same_step_gradient():
+    """The data module's micro-batches (trimmed, ordered by length) give the untrimmed step's gradient."""
+    from rlad_pl.data.datamodule import RolloutDataModule
+    from rlad_pl.objectives.base import Denominators, aggregate
+
+    torch.manual_seed(0)
+    model = build_tiny_qwen2(18, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    full = _batch(1)
+    dm = RolloutDataModule(task=None, prompts_per_rollout=7, group_size=1, micro_batch_size=2, group_by_length=True)
+    (step,) = dm.make_steps(full, seed=0)
+    assert sum(mb.num_sequences for mb in step.micro_batches) == 7
+    denom = Denominators(step.num_tokens, float(step.num_sequences), 16.0)
+
+    def grad(batches):
+        model.zero_grad()
+        for mb in batches:
+            lp, _ = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len)
+            aggregate(-lp * mb.advantages[:, None], mb.response_mask, "seq_mean_token_mean", denom).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(grad(step.micro_batches), grad([full]), atol=1e-5, rtol=1e-4)
+    widths = [mb.input_ids.shape[1] for mb in step.micro_batches]
+    assert sum(w * mb.num_sequences for w, mb in zip(widths, step.micro_batches)) < full.input_ids.numel()
