@@ -243,7 +243,8 @@ class DistillationModule(L.LightningModule):
         logp, ent = chunked_token_logprobs(hidden, head.weight, batch.response_ids, bias=getattr(head, "bias", None),
                                            temperature=self.temperature, chunk_size=self.chunk_size,
                                            with_entropy=want_entropy, vocab_size=self.vocab_size)
-        out = StudentOutputs(logprobs=logp, entropy=ent, vocab_size=self.vocab_size, temperature=self.temperature)
+        out = StudentOutputs(logprobs=logp, entropy=ent, vocab_size=self.vocab_size, temperature=self.temperature,
+                             step=self.global_step if self._trainer is not None else 0)
         if STUDENT_HIDDEN in self.requires:
             out.hidden, out.lm_head = hidden, head
         if TEACHER_HIDDEN in self.requires:

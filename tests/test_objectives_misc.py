@@ -186,3 +186,14 @@ def test_yaml_class_paths_instantiate_nested_objectives():
     assert objs[4].kl_mix_lambda == 0.25 and TEACHER_PREFIXES in objs[5].requires and objs[7].tis_cap == 2.0
     assert isinstance(objs[4], TokenKL) and isinstance(objs[3], ReNIO) and isinstance(objs[1], TRRD)
     assert not math.isnan(objs[6].min_reward)
+
+
+def test_kdrl_coefficient_schedule_is_linear_then_constant():
+    from rlad_pl.errors import ConfigError
+    from rlad_pl.objectives import KDRL
+
+    obj = KDRL(kd_coef=5e-3, kd_coef_end=1e-3, kd_anneal_steps=4)
+    assert [round(obj.coef_at(s), 6) for s in (0, 2, 4, 10)] == [5e-3, 3e-3, 1e-3, 1e-3]
+    assert KDRL(kd_coef=2e-3).coef_at(100) == 2e-3
+    with pytest.raises(ConfigError, match=r"^kdrl\.kd_coef_end"):
+        KDRL(kd_coef_end=1e-3)

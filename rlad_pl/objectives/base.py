@@ -106,6 +106,7 @@ class StudentOutputs:
     teacher_lm_head: Optional[torch.nn.Module] = None
     vocab_size: Optional[int] = None  # shared tokenizer range for full-vocabulary losses
     temperature: float = 1.0
+    step: int = 0  # optimizer steps taken so far (for coefficient schedules)
 
 
 @dataclass

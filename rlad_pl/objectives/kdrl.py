@@ -42,6 +42,8 @@ class KDRL(GRPO):
         kd_mask_correct: skip the KD term on correct responses (KDRL's reward-guided masking; default off).
         kd_correct_threshold: with ``kd_mask_correct``, a response is correct when ``reward >= threshold``; null
             (default) uses ``advantage > 0`` instead.
+        kd_coef_end, kd_anneal_steps: optional linear schedule of the coefficient from ``kd_coef`` at step 0 to
+            ``kd_coef_end`` at optimizer step ``kd_anneal_steps`` (then constant), e.g. KDRL's 5e-3 -> 1e-3.
         eps_low, eps_high, ref_kl_coef, ref_kl_estimator, tis_cap: as in GRPO.
 
     Metrics: GRPO's, plus ``kd_estimate`` (mean of the estimator), ``reverse_kl_sampled`` (mean ``l_S - l_T``, the k1
@@ -49,7 +51,8 @@ class KDRL(GRPO):
     """
 
     def __init__(self, kd_coef: float = 1e-3, kd_estimator: KLEstimator = "k2", kd_mask_correct: bool = False,
-                 kd_correct_threshold: Optional[float] = None, eps_low: float = 0.2, eps_high: float = 0.28,
+                 kd_correct_threshold: Optional[float] = None, kd_coef_end: Optional[float] = None,
+                 kd_anneal_steps: int = 0, eps_low: float = 0.2, eps_high: float = 0.28,
                  ref_kl_coef: float = 0.0, ref_kl_estimator: KLEstimator = "k3", tis_cap: Optional[float] = None,
                  weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
         super().__init__(eps_low=eps_low, eps_high=eps_high, ref_kl_coef=ref_kl_coef,
@@ -61,13 +64,24 @@ class KDRL(GRPO):
             raise ConfigError(f"{self.name}.kd_estimator", f"expected k1, k2 or k3, got '{kd_estimator}'")
         self.kd_coef, self.kd_estimator = float(kd_coef), kd_estimator
         self.kd_mask_correct, self.kd_correct_threshold = kd_mask_correct, kd_correct_threshold
-        self.needs_teacher = self.kd_coef > 0
+        if kd_coef_end is not None and (kd_coef_end < 0 or kd_anneal_steps < 1):
+            raise ConfigError(f"{self.name}.kd_coef_end", "expected kd_coef_end >= 0 with kd_anneal_steps >= 1, got "
+                              f"{kd_coef_end} over {kd_anneal_steps} steps")
+        self.kd_coef_end, self.kd_anneal_steps = kd_coef_end, kd_anneal_steps
+        self.needs_teacher = self.kd_coef > 0 or bool(kd_coef_end)
         if self.needs_teacher:
             self.requires = self.requires | {TEACHER_LOGPROBS}
 
+    def coef_at(self, step: int) -> float:
+        """``kd_coef + (kd_coef_end - kd_coef) * min(step / kd_anneal_steps, 1)`` (constant without a schedule)."""
+        if self.kd_coef_end is None:
+            return self.kd_coef
+        return self.kd_coef + (self.kd_coef_end - self.kd_coef) * min(step / self.kd_anneal_steps, 1.0)
+
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         values, metrics = super().per_token(batch, out)
-        if self.kd_coef == 0:
+        coef = self.coef_at(out.step)
+        if not self.needs_teacher:
             return values, metrics
         if batch.teacher_logprobs is None:
             raise ValueError(f"{self.name}: batch.teacher_logprobs is missing (kd_coef > 0 needs the teacher)")
@@ -80,4 +94,5 @@ class KDRL(GRPO):
             metrics["kd_masked_frac"] = 1.0 - keep.mean()
         metrics["kd_estimate"] = masked_mean(kd, mask)
         metrics["reverse_kl_sampled"] = masked_mean(out.logprobs.detach() - teacher, mask)
-        return values + self.kd_coef * kd, metrics
+        metrics["kd_coef"] = kd.new_tensor(coef)
+        return values + coef * kd, metrics
