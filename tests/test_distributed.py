@@ -36,7 +36,8 @@ def _config(path: Path, objective: dict, prompts: int, epochs: int, loss_agg: st
             "max_epochs": epochs, "default_root_dir": str(path.parent / (path.stem + "_runs")),
             "check_val_every_n_epoch": epochs, "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_top_k": -1, "every_n_epochs": 1}}],
+                           "init_args": {"save_top_k": -1, "every_n_epochs": 1,
+                                         "save_on_train_epoch_end": True}}],
         },
         "model": {
             "student": "assets/tiny-student", "loss_agg": loss_agg, "objectives": [objective],
