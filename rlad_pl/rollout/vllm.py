@@ -288,6 +288,13 @@ class VLLMSampler(Sampler):
             kwargs["enable_prefix_caching"] = self.enable_prefix_caching
         if self.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
+        if _is_cpu() and "enable_chunked_prefill" not in self.engine_kwargs:
+            # vLLM-CPU bug: when a seeded request is only partly prefilled in a step, the runner rewinds its torch
+            # generator with get_offset()/set_offset(), which CPU generators do not have ("CPU Generator does not
+            # use offset"). Without chunked prefill no request is ever partly prefilled.
+            kwargs["enable_chunked_prefill"] = False
+            max_len = self.max_model_len or getattr(config, "max_position_embeddings", None) or 4096
+            kwargs["max_num_batched_tokens"] = max(int(max_len), 4096)
         if world > 1:  # reuse the trainer's process group; each rank is its own engine (TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(self.engine_kwargs)
@@ -311,12 +318,7 @@ class VLLMSampler(Sampler):
                         "log-probs (vLLM would report them renormalised over the kept tokens)")
 
     def _check_head_size(self, config, vllm) -> None:
-        try:
-            from vllm.platforms import current_platform
-            is_cpu = current_platform.is_cpu()
-        except Exception:  # pragma: no cover - platform detection failed; let vLLM decide
-            return
-        if not is_cpu:
+        if not _is_cpu():
             return
         heads = getattr(config, "num_attention_heads", None)
         head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
@@ -454,6 +456,15 @@ class VLLMSampler(Sampler):
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
         return Generation(completions, finished, logprobs if want_logprobs else None)
+
+
+def _is_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # pragma: no cover - platform detection failed; let vLLM decide
+        return False
 
 
 def _mix_seed(seed: int) -> int:
