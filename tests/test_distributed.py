@@ -183,3 +183,28 @@ def test_sharded_hf_export_reloads_and_generates_like_single_process(grpo):
         ids = tok(["<bos>1234", "<bos>9876", "<bos>5555"], return_tensors="pt", add_special_tokens=False)
         outs.append(model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_sharding_helpers_on_a_plain_model(tiny_dir):
+    """The pure parts of rlad_pl.distributed: block discovery, the tied-weight guard, names, plain-model gathers."""
+    from rlad_pl.distributed import (_check_tied, clean_name, full_state_dict, is_sharded, iter_full_tensors,
+                                     root_call, transformer_blocks)
+    from rlad_pl.errors import ConfigError
+    from rlad_pl.models import load_causal_lm
+
+    model = load_causal_lm(tiny_dir, "model.student")
+    blocks = transformer_blocks(model)
+    assert [type(b).__name__ for b in blocks] == ["Qwen2DecoderLayer"] * 2
+    _check_tied(model, blocks)  # the tied embedding / LM head sit outside the blocks: one root group
+    blocks[0].mlp.up_proj.weight = model.model.embed_tokens.weight
+    with pytest.raises(ConfigError, match="tied weights"):
+        _check_tied(model, blocks)
+    model = load_causal_lm(tiny_dir, "model.student")
+    assert clean_name("module._orig_mod.model.layers.0._checkpoint_wrapped_module.mlp.weight") == \
+        "model.layers.0.mlp.weight"
+    assert not is_sharded(model) and root_call(model, lambda x: x + 1, 1) == 2
+    state = full_state_dict(model)
+    assert state.keys() == model.state_dict().keys()
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]  # tied: gathered once
+    buckets = list(iter_full_tensors(model.named_parameters(), bucket_bytes=1))
+    assert len(buckets) == len(list(model.parameters()))  # one tensor per bucket at a 1-byte budget
