@@ -46,8 +46,9 @@ class HFSampler(Sampler):
         model.eval()
         device = next(model.parameters()).device
         greedy = params.temperature <= 0
+        # greedy decoding gives n identical responses: decode once, then repeat each row n times
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                      num_return_sequences=params.n, do_sample=not greedy)
+                      num_return_sequences=1 if greedy else params.n, do_sample=not greedy)
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
@@ -70,4 +71,7 @@ class HFSampler(Sampler):
                         completions.append(row)
         finally:
             model.train(was_training)
+        if greedy and params.n > 1:
+            completions = [row for row in completions for _ in range(params.n)]
+            finished = [f for f in finished for _ in range(params.n)]
         return Generation(completions, finished)
