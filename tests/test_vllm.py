@@ -208,3 +208,63 @@ def test_cpu_head_dim_refused(env):
     model = build_tiny_qwen2(len(env["tok"]), hidden_size=32, num_heads=2)  # head_dim 16, like assets/tiny-student
     with pytest.raises(ConfigError, match="head_dim 16"):
         VLLMSampler().setup(model, env["tok"])
+
+
+_FSDP_SCRIPT = r'''
+import os, sys
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1",
+                  MASTER_PORT=sys.argv[2])
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from rlad_pl.models import load_causal_lm, load_tokenizer
+from rlad_pl.rollout import HFSampler, SamplingParams
+from rlad_pl.rollout.vllm import VLLMSampler
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+path = sys.argv[1]
+tok, ref, student = load_tokenizer(path), load_causal_lm(path, "s"), load_causal_lm(path, "s")
+with torch.no_grad():  # the engine must end up with these weights, not the checkpoint's
+    for p, q in zip(ref.parameters(), student.parameters()):
+        p.mul_(-1.25)
+        q.mul_(-1.25)
+for layer in student.model.layers:
+    fully_shard(layer)
+fully_shard(student)
+assert type(next(student.parameters())).__name__ == "DTensor"
+vs = VLLMSampler(dtype="float32", engine_kwargs={"kv_cache_memory_bytes": 64 << 20})
+vs.setup(student, tok)
+print("LOAD_FORMAT", vs.llm.llm_engine.vllm_config.load_config.load_format)
+stats = vs.sync_weights(student)
+print("BYTES", int(stats["weight_sync_bytes"]), sum(p.numel() * p.element_size() for p in ref.parameters()))
+hf = HFSampler()
+hf.setup(ref, tok)
+prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12]]
+greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+print("EQUAL", vs.generate(prompts, greedy).completion_ids == hf.generate(prompts, greedy).completion_ids)
+vs.close()
+print("GROUP_ALIVE", dist.is_initialized())
+'''
+
+
+def test_fsdp2_student_dummy_start_and_trainer_group_survives(tmp_path):
+    """Sharded (DTensor) student: engine starts from dummy weights, the sync gathers full tensors; ``close()`` keeps
+    the trainer's process group (vLLM's own shutdown would destroy it). Runs in a subprocess: it owns a group."""
+    import socket
+    import subprocess
+    import sys
+
+    from rlad_pl.models import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "student", seed=0, **ARCH)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT, str(path), str(port)], capture_output=True, text=True,
+                         timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0].isupper())
+    assert lines["LOAD_FORMAT"] == "dummy"
+    sent, expected = lines["BYTES"].split()
+    assert sent == expected
+    assert lines["EQUAL"] == "True"
+    assert lines["GROUP_ALIVE"] == "True"

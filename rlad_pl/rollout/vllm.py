@@ -328,25 +328,33 @@ class VLLMSampler(Sampler):
                                               f"{config.hidden_size} / {heads} heads); use HFSampler or such a model")
 
     def close(self) -> None:
-        """Shut the engine down, release vLLM's process groups (the default one only if vLLM created it) and delete
-        the temporary model directory. A later ``setup`` starts a fresh engine."""
+        """Shut the engine down and delete the temporary model directory; a later ``setup`` starts a fresh engine.
+
+        ``EngineCore.shutdown()`` also destroys torch's default process group, which is right when vLLM created it
+        (single process) but would kill the trainer's group under DDP / FSDP; then only the executor, the scheduler
+        and vLLM's own model-parallel groups are torn down."""
         if self.llm is not None:
+            client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
             try:
-                core = getattr(self.llm.llm_engine, "engine_core", None)
-                if core is not None and hasattr(core, "shutdown"):
-                    core.shutdown()
+                if self._owns_dist and hasattr(client, "shutdown"):
+                    client.shutdown()
+                else:
+                    finalizer = getattr(client, "_finalizer", None)
+                    if finalizer is not None:
+                        finalizer.detach()  # it would run EngineCore.shutdown() when the client is collected
+                    core = getattr(client, "engine_core", None)
+                    if getattr(core, "model_executor", None) is not None:
+                        core.model_executor.shutdown()
+                    if getattr(core, "scheduler", None) is not None:
+                        core.scheduler.shutdown()
+                    gc.unfreeze()  # EngineCore freezes the gc at start; its shutdown would undo it
+                    from vllm.distributed import parallel_state as ps
+
+                    ps.destroy_model_parallel()
             except Exception:  # pragma: no cover - best effort at teardown
                 log.debug("VLLMSampler: engine shutdown failed", exc_info=True)
             self.llm = None
             gc.collect()
-            try:
-                from vllm.distributed import parallel_state as ps
-
-                ps.destroy_model_parallel()
-                if self._owns_dist:
-                    ps.destroy_distributed_environment()
-            except Exception:  # pragma: no cover
-                log.debug("VLLMSampler: process-group cleanup failed", exc_info=True)
         if self.model_dir is not None:
             shutil.rmtree(self.model_dir, ignore_errors=True)
             self.model_dir = None
