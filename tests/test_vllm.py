@@ -155,6 +155,10 @@ def test_every_sample_has_its_own_random_stream(env):
     again = vs.generate([prompt] * 4, params)
     assert again.completion_ids == gen.completion_ids  # reproducible for a fixed seed
     assert vs.generate([prompt] * 4, params.with_(seed=12)).completion_ids != gen.completion_ids
+    from rlad_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.sampling.temperature: vLLM accepts temperatures in \[0, 2\]"):
+        vs.generate([prompt], params.with_(temperature=2.5))
 
 
 def test_sync_stats_and_tied_embedding(env):

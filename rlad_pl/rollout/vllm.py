@@ -447,6 +447,9 @@ class VLLMSampler(Sampler):
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         if self.llm is None:
             raise RuntimeError("VLLMSampler.generate called before setup")
+        if params.temperature > 2.0:
+            raise ConfigError("data.sampling.temperature", f"vLLM accepts temperatures in [0, 2], got "
+                                                           f"{params.temperature}")
         vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
