@@ -2,7 +2,8 @@
 
     python tools/build_tiny_models.py            # writes rlad_pl/assets/tiny-student and rlad_pl/assets/tiny-teacher
 
-Both share one char-level tokenizer (``rlad_pl.models.build_char_tokenizer``); the teacher is wider. Deterministic
+Both share one char-level tokenizer (``rlad_pl.models.build_char_tokenizer``); the teacher is wider. Attention head
+size is 32 in both (vLLM's CPU build supports head sizes 32, 64, 80, ...), so the vLLM configs run them. Deterministic
 (fixed seeds); runs in seconds on CPU. Nothing is downloaded.
 """
 
@@ -16,8 +17,8 @@ from rlad_pl.models import save_tiny_model
 ASSETS = Path(__file__).resolve().parents[1] / "rlad_pl" / "assets"
 
 SPECS = {
-    "tiny-student": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0),
-    "tiny-teacher": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=1),
+    "tiny-student": dict(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, seed=0),
+    "tiny-teacher": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=1),
 }
 
 

@@ -301,6 +301,15 @@ class RolloutDataModule(L.LightningDataModule):
         self.rollout_stats["timing/annotate"] = time.perf_counter() - t0
         return DataLoader(self.make_steps(rollout, seed), batch_size=None, shuffle=False, collate_fn=_identity)
 
+    def teardown(self, stage: str) -> None:
+        """Release engines that hold resources (a vLLM engine) at the end of a stage."""
+        for sampler in (self.sampler, self.teacher_sampler):
+            close = getattr(sampler, "close", None)
+            if callable(close):
+                close()
+        self._sampler_ready = self._teacher_ready = False
+        self._synced_at_step = -1
+
     # ----------------------------------------------------------------------------------------- evaluation
     def eval_problems(self, split: str) -> list[Problem]:
         return self.task.problems(split, self.val_prompts, offset=0)
