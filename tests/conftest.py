@@ -15,6 +15,19 @@ CONFIGS = REPO / "configs"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def make_batch(mask, advantages=None, rewards=None, **fields):
+    """A ``RolloutBatch`` around a response mask (2 dummy prompt tokens; rewards / advantages default to 0)."""
+    from rlad_pl.batch import RolloutBatch
+
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    n, r = mask.shape
+    as_float = lambda x: torch.zeros(n) if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    return RolloutBatch(input_ids=torch.zeros(n, 2 + r, dtype=torch.long),
+                        attention_mask=torch.ones(n, 2 + r, dtype=torch.long), prompt_len=2, response_mask=mask,
+                        rewards=as_float(rewards), advantages=as_float(advantages), group_ids=torch.arange(n),
+                        **fields)
+
+
 def run_cli(*args: str):
     """``python -m rlad_pl ARGS`` in this process; returns the LightningCLI object."""
     import sys

@@ -8,21 +8,10 @@ import pytest
 import torch
 
 from rlad_pl.advantages import group_advantages
-from rlad_pl.batch import RolloutBatch
+from conftest import make_batch
 from rlad_pl.errors import ConfigError
 from rlad_pl.objectives import GRPO, Denominators, StudentOutputs, aggregate
 from rlad_pl.objectives.base import SAMPLER_LOGPROBS, per_sample_token_mean
-
-
-def make_batch(mask, advantages=None, rewards=None, **fields) -> RolloutBatch:
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    n, r = mask.shape
-    return RolloutBatch(input_ids=torch.zeros(n, 2 + r, dtype=torch.long),
-                        attention_mask=torch.ones(n, 2 + r, dtype=torch.long), prompt_len=2, response_mask=mask,
-                        rewards=torch.zeros(n) if rewards is None else torch.as_tensor(rewards, dtype=torch.float32),
-                        advantages=torch.zeros(n) if advantages is None else torch.as_tensor(advantages,
-                                                                                             dtype=torch.float32),
-                        group_ids=torch.arange(n), **fields)
 
 
 def run(obj, batch, logp, denom=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlad_pl import divergences as D
-from rlad_pl.batch import RolloutBatch
+from conftest import make_batch
 from rlad_pl.errors import ConfigError
 from rlad_pl.objectives import (GRPO, KDRL, OPSD, SFT, Denominators, Objective, OPDSampled, ReNIO, StudentOutputs,
                                 TokenKL, TRRD)
@@ -17,17 +17,6 @@ from rlad_pl.objectives.base import (DATASET_PREFIXES, OLD_LOGPROBS, PRIVILEGED_
                                      TEACHER_LOGPROBS, TEACHER_PREFIXES)
 
 V = 9
-
-
-def make_batch(mask, advantages=None, rewards=None, **fields) -> RolloutBatch:
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    n, r = mask.shape
-    return RolloutBatch(input_ids=torch.zeros(n, 2 + r, dtype=torch.long),
-                        attention_mask=torch.ones(n, 2 + r, dtype=torch.long), prompt_len=2, response_mask=mask,
-                        rewards=torch.zeros(n) if rewards is None else torch.as_tensor(rewards, dtype=torch.float32),
-                        advantages=torch.zeros(n) if advantages is None else torch.as_tensor(advantages,
-                                                                                             dtype=torch.float32),
-                        group_ids=torch.arange(n), **fields)
 
 
 def run(obj, batch, logp, agg="token_mean"):
