@@ -219,9 +219,52 @@ def test_renio_config():
     with pytest.raises(ConfigError) as e:
         ReNIO(NotPerToken())
     assert e.value.field == "renio.inner"
-    for kw, field in (({"tau": 2.0, "c": 1.0}, "renio.c"), ({"weight_norm": "ema"}, "renio.weight_norm"),
+    for kw, field in (({"tau": 2.0, "c": 1.0}, "renio.c"), ({"weight_norm": "median"}, "renio.weight_norm"), ({"weight_norm_scope": "node"}, "renio.weight_norm_scope"),
                       ({"weight_temperature": 0.0}, "renio.weight_temperature"), ({"weight_cap": -1.0},
                                                                                   "renio.weight_cap")):
         with pytest.raises(ConfigError) as e:
             ReNIO(OPDSampled(), **kw)
         assert e.value.field == field
+
+
+def test_ema_normalisation_divides_by_moving_average_of_batch_means():
+    from rlad_pl.objectives import OPDSampled, ReNIO
+
+    obj = ReNIO(OPDSampled(), weight_norm="ema", ema_rate=0.25, weight_cap=None)
+    m1, m2 = torch.tensor([0.0, math.log(3.0)]), torch.tensor([math.log(5.0), math.log(5.0)])
+    r1 = obj.reference_mean(m1)  # first batch: the EMA starts at the batch mean (1 + 3) / 2
+    assert r1.item() == pytest.approx(2.0)
+    r2 = obj.reference_mean(m2)  # 0.75 * 2 + 0.25 * 5
+    assert r2.item() == pytest.approx(2.75)
+    from rlad_pl.objectives.renio import renio_weights
+
+    w, w_hat = renio_weights(m2, norm="ema", cap=None, reference_mean=r2)
+    torch.testing.assert_close(w, torch.tensor([5 / 2.75, 5 / 2.75]))
+
+
+def _global_scope_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from rlad_pl.objectives import OPDSampled, ReNIO
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    m = torch.tensor([[0.0, math.log(3.0)], [math.log(7.0), math.log(9.0)]])[rank]
+    obj = ReNIO(OPDSampled(), weight_norm_scope="global", weight_cap=None)
+    out[rank] = obj.reference_mean(m).item()
+    dist.destroy_process_group()
+
+
+def test_global_scope_normalises_over_all_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_global_scope_worker, args=(2, port, out), nprocs=2, join=True)
+    assert out[0] == pytest.approx(5.0) and out[1] == pytest.approx(5.0)  # (1 + 3 + 7 + 9) / 4
+    from rlad_pl.objectives import OPDSampled, ReNIO
+
+    assert ReNIO(OPDSampled(), weight_norm_scope="global").reference_mean(torch.zeros(2)) is None  # 1 process

@@ -25,7 +25,8 @@ from rlad_pl.errors import ConfigError
 from rlad_pl.objectives.base import (TEACHER_LOGPROBS, Denominators, LossOutput, Objective, StudentOutputs,
                                      TokenObjective, per_sample_token_mean, sanitize_logprobs)
 
-WeightNorm = Literal["batch_mean", "none", "clamp"]
+WeightNorm = Literal["batch_mean", "none", "clamp", "ema"]
+NormScope = Literal["micro_batch", "global"]
 
 
 def renio_sample_scores(d: Tensor, mask: Tensor, tau: float, c: float) -> tuple[Tensor, Tensor]:
@@ -38,17 +39,19 @@ def renio_sample_scores(d: Tensor, mask: Tensor, tau: float, c: float) -> tuple[
     return m, pivotal
 
 
-def renio_weights(m: Tensor, temperature: float = 1.0, norm: WeightNorm = "batch_mean", cap: Optional[float] = 10.0
-                  ) -> tuple[Tensor, Tensor]:
+def renio_weights(m: Tensor, temperature: float = 1.0, norm: WeightNorm = "batch_mean", cap: Optional[float] = 10.0,
+                  reference_mean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``w^ = exp(m / T_w)``; ``batch_mean``: ``w = w^ / mean(w^)``; ``clamp``: ``w^`` clamped to [0.1, 10] first;
-    ``none``: ``w = w^``; then ``w = min(w, cap)``. Returns ``(w, w^)``, both detached."""
+    ``ema``: ``w = w^ / reference_mean`` (an EMA of batch means kept by the caller); ``none``: ``w = w^``; then
+    ``w = min(w, cap)``. ``reference_mean`` replaces the micro-batch mean (EMA, or a mean over all ranks).
+    Returns ``(w, w^)``, both detached."""
     m = m.detach()
     w_hat = torch.exp(m / temperature)
     w = w_hat
     if norm == "clamp":
         w = w.clamp(0.1, 10.0)
-    if norm in ("batch_mean", "clamp") and w.numel():
-        w = w / w.mean()
+    if norm in ("batch_mean", "clamp", "ema") and w.numel():
+        w = w / (reference_mean if reference_mean is not None else w.mean())
     if cap is not None:
         w = w.clamp_max(cap)
     return w, w_hat
@@ -67,8 +70,12 @@ class ReNIO(Objective):
         tau: pivotal threshold on ``min(d_t, c)`` (release 1.7B OPSD: 0.8).
         c: upper clamp of ``d_t`` (release 2.5; paper default 3.0).
         weight_temperature: ``T_w`` (1.0 in every release script).
-        weight_norm: ``batch_mean`` (release default), ``none`` or ``clamp`` (w^ clamped to [0.1, 10], then divided
-            by the micro-batch mean). Normalisation is per micro-batch, as released.
+        weight_norm: ``batch_mean`` (release default), ``none``, ``clamp`` (w^ clamped to [0.1, 10], then divided
+            by the batch mean) or ``ema`` (divided by an exponential moving average of batch means, rate
+            ``ema_rate``).
+        weight_norm_scope: ``micro_batch`` (release: the mean over this rank's micro-batch, so weights depend on the
+            per-device batch size) or ``global`` (the mean over the same micro-batch of every rank, all-reduced).
+        ema_rate: update rate of the ``ema`` normaliser (release 0.1).
         weight_cap: cap on the normalised weight (release 10); null: none.
 
     Metrics: ``weight_mean``, ``weight_max``, ``weight_min``, ``raw_weight_mean`` (w^), ``pivotal_frac`` (share of
@@ -77,7 +84,8 @@ class ReNIO(Objective):
     """
 
     def __init__(self, inner: Objective, tau: float = 0.8, c: float = 2.5, weight_temperature: float = 1.0,
-                 weight_norm: WeightNorm = "batch_mean", weight_cap: Optional[float] = 10.0, weight: float = 1.0,
+                 weight_norm: WeightNorm = "batch_mean", weight_cap: Optional[float] = 10.0,
+                 weight_norm_scope: NormScope = "micro_batch", ema_rate: float = 0.1, weight: float = 1.0,
                  name: Optional[str] = None, loss_agg: Optional[str] = None):
         super().__init__(weight=weight, name=name, loss_agg=loss_agg)
         n = self.name
@@ -88,8 +96,14 @@ class ReNIO(Objective):
             raise ConfigError(f"{n}.c", f"expected the clamp c above the threshold tau={tau}, got {c}")
         if not weight_temperature > 0:
             raise ConfigError(f"{n}.weight_temperature", f"expected a positive value, got {weight_temperature}")
-        if weight_norm not in ("batch_mean", "none", "clamp"):
-            raise ConfigError(f"{n}.weight_norm", f"expected batch_mean, none or clamp, got '{weight_norm}'")
+        if weight_norm not in ("batch_mean", "none", "clamp", "ema"):
+            raise ConfigError(f"{n}.weight_norm", f"expected batch_mean, none, clamp or ema, got '{weight_norm}'")
+        if weight_norm_scope not in ("micro_batch", "global"):
+            raise ConfigError(f"{n}.weight_norm_scope", f"expected micro_batch or global, got '{weight_norm_scope}'")
+        if not 0 < ema_rate <= 1:
+            raise ConfigError(f"{n}.ema_rate", f"expected a value in (0, 1], got {ema_rate}")
+        self.weight_norm_scope, self.ema_rate = weight_norm_scope, float(ema_rate)
+        self._ema_mean: Optional[Tensor] = None
         if weight_cap is not None and not weight_cap > 0:
             raise ConfigError(f"{n}.weight_cap", f"expected a positive cap or null, got {weight_cap}")
         self.inner, self.tau, self.c = inner, float(tau), float(c)
@@ -106,13 +120,35 @@ class ReNIO(Objective):
         with torch.no_grad():
             d = logp.detach() - sanitize_logprobs(batch.teacher_logprobs)
             m, pivotal = renio_sample_scores(d, mask, self.tau, self.c)
-            w, w_hat = renio_weights(m, self.weight_temperature, self.weight_norm, self.weight_cap)
+            w, w_hat = renio_weights(m, self.weight_temperature, self.weight_norm, self.weight_cap,
+                                     self.reference_mean(m))
             valid = (mask > 0).sum().clamp_min(1)
             metrics = {"weight_mean": w.mean(), "weight_max": w.max(), "weight_min": w.min(),
                        "raw_weight_mean": w_hat.mean(), "pivotal_frac": pivotal.sum() / valid,
                        "samples_with_pivotal": pivotal.any(-1).float().mean(),
                        "d_mean": (d * mask).sum() / valid}
         return w, metrics
+
+    def reference_mean(self, m: Tensor) -> Optional[Tensor]:
+        """The normaliser replacing the micro-batch mean of ``w^``: the mean over every rank (``global`` scope)
+        and / or its EMA (``ema``); None keeps the micro-batch mean."""
+        if self.weight_norm not in ("batch_mean", "clamp", "ema"):
+            return None
+        base = torch.exp(m / self.weight_temperature)
+        if self.weight_norm == "clamp":
+            base = base.clamp(0.1, 10.0)
+        mean = None
+        if self.weight_norm_scope == "global" and torch.distributed.is_available() and \
+                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            stats = torch.stack([base.sum(), base.new_tensor(float(base.numel()))])
+            torch.distributed.all_reduce(stats)
+            mean = stats[0] / stats[1].clamp_min(1.0)
+        if self.weight_norm == "ema":
+            batch_mean = mean if mean is not None else base.mean()
+            self._ema_mean = batch_mean if self._ema_mean is None else (
+                (1 - self.ema_rate) * self._ema_mean + self.ema_rate * batch_mean)
+            return self._ema_mean
+        return mean
 
     def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
         values, inner_metrics = self.inner.per_token(batch, out)
