@@ -10,7 +10,8 @@ Both models are trained with the project's own code: ``python -m rlad_pl fit`` (
 supervised ``rlad_pl.objectives.SFT`` objective on dataset prefixes (``prefix_source: dataset``: the task's
 reference solutions), token-mean NLL, AdamW (betas 0.9/0.98, weight decay 0.01), one-cycle cosine learning-rate
 schedule (warm-up from 0.1x, cosine down to 0.1x), gradient clipping 1.0, 64 sequences per optimizer step, 16 steps
-per "rollout" (1024 fresh problems per epoch, never repeated):
+per "rollout" (1024 fresh problems per epoch, never repeated), micro-batches of 16 grouped by length
+(``data.group_by_length``):
 
 * teacher: Qwen2 128/4/4/512 (hidden / layers / heads / MLP), 1.05M parameters, lr 2e-3, ``TEACHER_STEPS`` steps;
 * student: Qwen2 64/2/2/256, 0.13M parameters, lr 3e-3, only ``STUDENT_STEPS`` steps (a short supervised warm-up,
@@ -38,8 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "rlad_pl" / "assets"
 
-TEACHER_STEPS = 3200
-STUDENT_STEPS = 640
+TEACHER_STEPS = 4000
+STUDENT_STEPS = 960
 STEPS_PER_EPOCH = 16
 BATCH = 64
 
@@ -83,7 +84,8 @@ data:
     init_args: {{min_terms: 2, max_terms: 5, min_digits: 1, max_digits: 2}}
   prompts_per_rollout: {ppr}
   group_size: 1
-  micro_batch_size: {batch}
+  micro_batch_size: 16
+  group_by_length: true
   steps_per_rollout: {spe}
   sampling: {{max_new_tokens: 64}}
   log_samples: 0
