@@ -215,20 +215,24 @@ class DistillationModule(L.LightningModule):
         was_training = self.student.training
         self.student.eval()
         try:
-            results, seconds = defaultdict(list), defaultdict(float)
-            for mb in rollout.split(self.annotate_batch_size):
-                mb = mb.to(self.device)
+            results, seconds = {}, defaultdict(float)
+            # chunks of similar length, each trimmed to its own padding; values land back in the full layout
+            order = torch.argsort(rollout.attention_mask.sum(-1), stable=True)
+            for s in range(0, rollout.num_sequences, self.annotate_batch_size):
+                idx = order[s:s + self.annotate_batch_size]
+                mb = rollout.select(idx).trim_padding().to(self.device)
                 for name, model, teacher_layout in jobs:
                     t0 = time.perf_counter()
-                    lp = self._logprobs(model, mb, teacher_layout)
-                    results[name].append(self._sanitize(lp, mb.response_mask, name).cpu())
+                    lp = self._sanitize(self._logprobs(model, mb, teacher_layout), mb.response_mask, name).cpu()
+                    full = results.setdefault(name, torch.zeros(rollout.response_mask.shape, dtype=lp.dtype))
+                    full[idx, :lp.shape[1]] = lp
                     seconds[name] += time.perf_counter() - t0
         finally:
             self.student.train(was_training)
             for m in (self.teacher, self.reference):
                 reshard(m)  # FSDP2: free the frozen models' gathered embeddings / LM head
-        for name, parts in results.items():
-            setattr(rollout, f"{name}_logprobs", torch.cat(parts))
+        for name, full in results.items():
+            setattr(rollout, f"{name}_logprobs", full)
             stats[f"timing/{name}_logprobs"] = seconds[name]
         if has_sampler_lp and rollout.old_logprobs is not None:
             mism = logprob_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.response_mask)

@@ -67,3 +67,25 @@ def test_group_by_length_same_step_gradient():
     torch.testing.assert_close(grad(step.micro_batches), grad([full]), atol=1e-5, rtol=1e-4)
     widths = [mb.input_ids.shape[1] for mb in step.micro_batches]
     assert sum(w * mb.num_sequences for w, mb in zip(widths, step.micro_batches)) < full.input_ids.numel()
+
+
+def test_annotate_chunks_trimmed_same_logprobs(tiny_dir):
+    """``annotate_rollouts`` (chunks ordered by length and trimmed) matches one untrimmed forward pass."""
+    from rlad_pl.module import DistillationModule
+    from rlad_pl.objectives import TRRD
+
+    module = DistillationModule(student=str(tiny_dir), teacher=str(tiny_dir), objectives=[TRRD(alpha=0.5)],
+                                annotate_batch_size=3)
+    ids, mask, P, rmask = build_sequences([[5, 6, 7, 8, 9], [4], [3, 3], [9, 8, 7]], [[5, 2], [6] * 9 + [2], [7, 2],
+                                                                                     [8, 8, 8, 2]], 0)
+    n = ids.shape[0]
+    rollout = RolloutBatch(ids, mask, P, rmask, torch.zeros(n), torch.zeros(n), torch.arange(n))
+    module.annotate_rollouts(rollout, need_old=True)
+    with torch.no_grad():
+        want, _ = response_logprobs(module.teacher, ids, mask, P)
+    m = rmask.bool()
+    assert rollout.teacher_logprobs.shape == rmask.shape
+    torch.testing.assert_close(rollout.teacher_logprobs[m], want[m], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        want_old, _ = response_logprobs(module.student.eval(), ids, mask, P)
+    torch.testing.assert_close(rollout.old_logprobs[m], want_old[m], atol=1e-5, rtol=1e-5)
