@@ -7,8 +7,8 @@
 
 Every run is ``python -m rlad_pl fit --config configs/demo.yaml`` with ``model.objectives`` replaced by the
 method's objective (the rest of the config, the learning rate included, is shared) and ``--seed_everything S
---data.seed S``. Runs go one after the other (they would compete for the CPU cores) into
-``<out>/runs/<method>/seed<S>``; a finished run (its ``done.json`` exists) is not repeated. The report, read back
+--data.seed S``. Runs go one after the other into ``<out>/runs/<method>/seed<S>`` (``--jobs N``: N at a time, each
+with ``cpu_count / N`` threads; step times then include the contention, identically for every method); a finished run (its ``done.json`` exists) is not repeated. The report, read back
 from the TensorBoard logs, is ``<out>/README.md``: per method the final validation Mean@k per difficulty level and
 overall, Pass@k, the change of Mean@k from the step-0 validation, mean response length, wall time per optimizer
 step (rollout generation + scoring + teacher / old log-probs + update), the teacher's share and the overhead
@@ -37,7 +37,9 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +61,7 @@ TIMING = ("timing/generate", "timing/score", "timing/annotate", "timing/train_st
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_one(method: str, seed: int, args, extra: list[str]) -> Path:
+def run_one(method: str, seed: int, args, extra: list[str], threads: Optional[int] = None) -> Path:
     out = args.out / "runs" / method / f"seed{seed}"
     if (out / "done.json").exists() and not args.force:
         return out
@@ -79,7 +81,8 @@ def run_one(method: str, seed: int, args, extra: list[str]) -> Path:
     t0 = time.perf_counter()
     with open(out / "fit.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                 **({"OMP_NUM_THREADS": str(threads)} if threads else {})}).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = (out / "fit.log").read_text().strip().splitlines()[-3:]
@@ -164,7 +167,7 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
     return f"""# Method comparison on the embedded demo
 
 Student `assets/demo-student` distilled from `assets/demo-teacher` on `ChainSumTask` (reasoning-gym `chain_sum`,
-2-5 terms of 1-2 digits; levels `NtMd` = N terms of M digits), {steps} optimizer steps per run, identical config
+levels `NtMd` = N terms of M digits, as configured in the config below), {steps} optimizer steps per run, identical config
 (`{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`) except
 `model.objectives`; {n_seeds} seed(s) per method, mean ± sample std over seeds.
 
@@ -236,6 +239,7 @@ def main() -> None:
     ap.add_argument("--val-prompts", type=int, default=None, help="override data.val_prompts")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "compare")
     ap.add_argument("--force", action="store_true", help="rerun finished runs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -244,11 +248,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {}
+    if not args.report_only:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for f in [pool.submit(run_one, m, s, args, extra, threads) for m in args.methods for s in args.seeds]:
+                f.result()
     for method in args.methods:
         for seed in args.seeds:
             run_dir = args.out / "runs" / method / f"seed{seed}"
-            if not args.report_only:
-                run_one(method, seed, args, extra)
             if (run_dir / "done.json").exists():
                 results.setdefault(method, []).append(summarize(run_dir))
     if not results:
