@@ -13,7 +13,8 @@ from the TensorBoard logs, is ``<out>/README.md``: per method the final validati
 overall, Pass@k, the change of Mean@k from the step-0 validation, mean response length, wall time per optimizer
 step (rollout generation + scoring + teacher / old log-probs + update), the teacher's share and the overhead
 relative to GRPO; mean and spread (sample standard deviation) over seeds. Plots: ``<out>/curves.png``
-(validation Mean@k and rollout reward against optimizer steps, mean over seeds with a min-max band).
+(validation Mean@k, its change from step 0 and rollout reward against optimizer steps, mean over seeds
+with a min-max band).
 
 Methods (objectives as in ``rlad_pl.objectives``; the papers' default hyper-parameters):
 
@@ -119,6 +120,8 @@ def summarize(run_dir: Path) -> dict:
     done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else {}
     return {"k": k, "before": first, "after": last, "step_seconds": sum(timing.values()), "timing": timing,
             "teacher_seconds": sum(x for _, x in teacher) / len(teacher) if teacher else 0.0,
+            "entropy_end": _tail_mean(s.get("train/entropy", []), 5),
+            "entropy_start": s["train/entropy"][0][1] if s.get("train/entropy") else float("nan"),
             "steps": len(s.get("timing/train_step", [])), "wall_seconds": done.get("wall_seconds", float("nan")),
             "val_curve": s.get(mean_tag, []), "reward_curve": s.get("rollout/reward_mean", [])}
 
@@ -143,14 +146,18 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
     grpo_step = sum(r["step_seconds"] for r in grpo) / len(grpo) if grpo else None
     n_seeds = max(len(v) for v in results.values())
     head = (["method", *[f"{lv}" for lv in levels], f"**all Mean@{k}**", f"Δ Mean@{k}", f"Pass@{k}",
-             "resp. len", "s / step", "teacher s / step", "vs GRPO", "run wall s"])
+             "resp. len", "entropy", "s / step", "teacher s / step", "vs GRPO", "run wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    before = [r["before"].get(f"all/mean@{k}", float("nan")) for runs in results.values() for r in runs]
-    b0 = any_run["before"]
-    lines.append("| *student before* | " + " | ".join(_ms([b0.get(f"{lv}/mean@{k}", float("nan"))], 100)
-                                                   for lv in levels)
-                 + f" | **{_ms(before[:1], 100)}** | | {_ms([b0.get(f'all/pass@{k}', float('nan'))], 100)} | "
-                 f"{_ms([b0.get('response_length_mean', float('nan'))])} | | | | |")
+    # the step-0 validation of every run (one value per seed: the same student, the seed sets the sampling)
+    firsts = list({json.dumps(r["before"], sort_keys=True): r["before"]
+                   for runs in results.values() for r in runs}.values())
+
+    def b(key: str, scale: float = 100.0) -> str:
+        return _ms([f.get(key, float("nan")) for f in firsts], scale)
+
+    lines.append("| *student before* | " + " | ".join(b(f"{lv}/mean@{k}") for lv in levels)
+                 + f" | **{b(f'all/mean@{k}')}** | | {b(f'all/pass@{k}')} | {b('response_length_mean', 1.0)}"
+                 + f" | {_ms([r['entropy_start'] for runs in results.values() for r in runs][:1], 1, 3)} | | | | |")
     for method, runs in results.items():
         cells = [_ms([r["after"].get(f"{lv}/mean@{k}", float("nan")) for r in runs], 100) for lv in levels]
         delta = [r["after"][f"all/mean@{k}"] - r["before"].get(f"all/mean@{k}", float("nan")) for r in runs]
@@ -160,6 +167,7 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
             method, *cells, f"**{_ms([r['after'][f'all/mean@{k}'] for r in runs], 100)}**",
             _ms(delta, 100, 1), _ms([r["after"].get(f"all/pass@{k}", float("nan")) for r in runs], 100),
             _ms([r["after"].get("response_length_mean", float("nan")) for r in runs]),
+            _ms([r["entropy_end"] for r in runs], 1, 3),
             _ms(step, 1, 2), _ms([r["teacher_seconds"] for r in runs], 1, 3),
             (_ms(vs, 1, 0) + " %") if vs and method != "GRPO" else "-",
             _ms([r["wall_seconds"] for r in runs], 1, 0)]) + " |")
@@ -178,8 +186,9 @@ Command:
 ```
 
 Validation after training: Mean@{k} per difficulty level and overall (% of {k} samples per problem that are correct),
-Pass@{k} (unbiased, %), mean response length (tokens); "Δ Mean@{k}" is the change from the step-0 validation of the
-same run. "s / step" = mean wall time of one optimizer step (rollout generation + scoring + old / teacher
+Pass@{k} (unbiased, %), mean response length (tokens), "entropy" = the student's mean token entropy (nats) on its
+training rollouts over the last 5 steps (the before row: the first step); "Δ Mean@{k}" is the change from the
+step-0 validation of the same run. "s / step" = mean wall time of one optimizer step (rollout generation + scoring + old / teacher
 log-probs + update; validation excluded), "teacher s / step" = the teacher's sampled-token log-prob pass
 (full-vocabulary objectives run the teacher inside the update instead: see "vs GRPO"), "vs GRPO" = step time
 relative to GRPO's. Timings on a shared CPU are noisy; compare them only within one table.
@@ -188,8 +197,10 @@ relative to GRPO's. Timings on a shared CPU are noisy; compare them only within 
 
 ![learning curves](curves.png)
 
-Curves: validation Mean@{k} (left; step 0 = before training) and rollout reward (right, mean of the training
-samples at temperature 1) against optimizer steps; lines are means over seeds, bands min-max.
+Curves: validation Mean@{k} (left; step 0 = before training), its change from the same run's step-0 value
+(middle; removes the seed-to-seed sampling offset) and rollout reward (right, mean of the training samples at
+temperature 1; every method sees the same prompts for a given seed) against optimizer steps; lines are means over
+seeds, bands min-max.
 """
 
 
@@ -199,28 +210,37 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for (method, runs), color in zip(results.items(), plt.cm.tab10.colors):
-        for ax, key, smooth in ((axes[0], "val_curve", 1), (axes[1], "reward_curve", 5)):
+        for ax, key, smooth, paired in ((axes[0], "val_curve", 1, False), (axes[1], "val_curve", 1, True),
+                                        (axes[2], "reward_curve", 10, False)):
             curves = [r[key] for r in runs if r[key]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
             steps = [x for x, _ in curves[0][:n]]
-            vals = [[_smooth([y for _, y in c[:n]], smooth)[i] for c in curves] for i in range(n)]
+            ys = [[y - (c[0][1] if paired else 0.0) for _, y in c[:n]] for c in curves]
+            vals = [[_smooth(y, smooth)[i] for y in ys] for i in range(n)]
             mean = [sum(v) / len(v) for v in vals]
             ax.plot(steps, mean, label=method, color=color, marker="o" if key == "val_curve" else None, ms=3)
             if len(curves) > 1:
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15)
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.12)
     k = next(r["k"] for runs in results.values() for r in runs)
     axes[0].set(title=f"validation Mean@{k}", xlabel="optimizer step", ylabel=f"Mean@{k}")
-    axes[1].set(title="rollout reward (moving average of 5)", xlabel="optimizer step", ylabel="reward")
-    axes[0].legend(fontsize=8)
+    axes[1].set(title=f"change of validation Mean@{k} from step 0 (same seed)", xlabel="optimizer step",
+                ylabel=f"Δ Mean@{k}")
+    axes[2].set(title="rollout reward (moving average of 10)", xlabel="optimizer step", ylabel="reward")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _tail_mean(curve: list[tuple[int, float]], n: int) -> float:
+    vals = [v for _, v in curve[-n:]]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _smooth(xs: list[float], w: int) -> list[float]:
