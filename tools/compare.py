@@ -8,7 +8,8 @@
 Every run is ``python -m rlad_pl fit --config configs/demo.yaml`` with ``model.objectives`` replaced by the
 method's objective (the rest of the config, the learning rate included, is shared) and ``--seed_everything S
 --data.seed S``. Runs go one after the other into ``<out>/runs/<method>/seed<S>`` (``--jobs N``: N at a time, each
-with ``cpu_count / N`` threads; step times then include the contention, identically for every method); a finished run (its ``done.json`` exists) is not repeated. The report, read back
+with ``cpu_count / N`` threads; step times then include the contention, alike for every method); a finished run
+(its ``done.json`` exists) is not repeated. The report, read back
 from the TensorBoard logs, is ``<out>/README.md``: per method the final validation Mean@k per difficulty level and
 overall, Pass@k, the change of Mean@k from the step-0 validation, mean response length, wall time per optimizer
 step (rollout generation + scoring + teacher / old log-probs + update), the teacher's share and the overhead
@@ -157,7 +158,8 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
 
     lines.append("| *student before* | " + " | ".join(b(f"{lv}/mean@{k}") for lv in levels)
                  + f" | **{b(f'all/mean@{k}')}** | | {b(f'all/pass@{k}')} | {b('response_length_mean', 1.0)}"
-                 + f" | {_ms([r['entropy_start'] for runs in results.values() for r in runs][:1], 1, 3)} | | | | |")
+                 + f" | {_ms(sorted({r['entropy_start'] for runs in results.values() for r in runs}), 1, 3)}"
+                 + " | | | | |")
     for method, runs in results.items():
         cells = [_ms([r["after"].get(f"{lv}/mean@{k}", float("nan")) for r in runs], 100) for lv in levels]
         delta = [r["after"][f"all/mean@{k}"] - r["before"].get(f"all/mean@{k}", float("nan")) for r in runs]
@@ -175,8 +177,8 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
     return f"""# Method comparison on the embedded demo
 
 Student `assets/demo-student` distilled from `assets/demo-teacher` on `ChainSumTask` (reasoning-gym `chain_sum`,
-levels `NtMd` = N terms of M digits, as configured in the config below), {steps} optimizer steps per run, identical config
-(`{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`) except
+levels `NtMd` = N terms of M digits, as configured in the config below), {steps} optimizer steps per run,
+identical config (`{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`) except
 `model.objectives`; {n_seeds} seed(s) per method, mean ± sample std over seeds.
 
 Command:
@@ -188,10 +190,10 @@ Command:
 Validation after training: Mean@{k} per difficulty level and overall (% of {k} samples per problem that are correct),
 Pass@{k} (unbiased, %), mean response length (tokens), "entropy" = the student's mean token entropy (nats) on its
 training rollouts over the last 5 steps (the before row: the first step); "Δ Mean@{k}" is the change from the
-step-0 validation of the same run. "s / step" = mean wall time of one optimizer step (rollout generation + scoring + old / teacher
-log-probs + update; validation excluded), "teacher s / step" = the teacher's sampled-token log-prob pass
-(full-vocabulary objectives run the teacher inside the update instead: see "vs GRPO"), "vs GRPO" = step time
-relative to GRPO's. Timings on a shared CPU are noisy; compare them only within one table.
+step-0 validation of the same run. "s / step" = mean wall time of one optimizer step (rollout generation +
+scoring + old / teacher log-probs + update; validation excluded), "teacher s / step" = the teacher's
+sampled-token log-prob pass (full-vocabulary objectives run the teacher inside the update instead: see
+"vs GRPO"), "vs GRPO" = step time relative to GRPO's. Timings on a shared CPU are noisy; compare them only within one table.
 
 {chr(10).join(lines)}
 
@@ -219,8 +221,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
                 continue
             n = min(len(c) for c in curves)
             steps = [x for x, _ in curves[0][:n]]
-            ys = [[y - (c[0][1] if paired else 0.0) for _, y in c[:n]] for c in curves]
-            vals = [[_smooth(y, smooth)[i] for y in ys] for i in range(n)]
+            ys = [_smooth([y - (c[0][1] if paired else 0.0) for _, y in c[:n]], smooth) for c in curves]
+            vals = [[y[i] for y in ys] for i in range(n)]
             mean = [sum(v) / len(v) for v in vals]
             ax.plot(steps, mean, label=method, color=color, marker="o" if key == "val_curve" else None, ms=3)
             if len(curves) > 1:
