@@ -36,6 +36,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,8 +69,7 @@ def run_one(method: str, seed: int, args, extra: list[str], threads: Optional[in
     if (out / "done.json").exists() and not args.force:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    for old in glob.glob(str(out / "lightning_logs" / "*")):  # an unfinished earlier attempt
-        subprocess.run(["rm", "-rf", old], check=False)
+    shutil.rmtree(out / "lightning_logs", ignore_errors=True)  # an unfinished earlier attempt
     cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", str(args.config),
            "--model.objectives", json.dumps(METHODS[method]), "--seed_everything", str(seed),
            "--data.seed", str(seed), "--trainer.default_root_dir", str(out), "--export.enabled", "false",
@@ -116,12 +116,11 @@ def summarize(run_dir: Path) -> dict:
     k = mean_tag.rsplit("@", 1)[1]
     first = {t[4:]: v[0][1] for t, v in s.items() if t.startswith("val/") and v and v[0][0] == 0}
     last = {t[4:]: v[-1][1] for t, v in s.items() if t.startswith("val/") and v}
-    timing = {t: sum(x for _, x in s.get(t, [])) / max(len(s.get(t, [])), 1) for t in TIMING}
-    teacher = s.get("timing/teacher_logprobs", [])
+    timing = {t: _mean(s.get(t, []), empty=0.0) for t in TIMING}
     done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else {}
     return {"k": k, "before": first, "after": last, "step_seconds": sum(timing.values()), "timing": timing,
-            "teacher_seconds": sum(x for _, x in teacher) / len(teacher) if teacher else 0.0,
-            "entropy_end": _tail_mean(s.get("train/entropy", []), 5),
+            "teacher_seconds": _mean(s.get("timing/teacher_logprobs", []), empty=0.0),
+            "entropy_end": _mean(s.get("train/entropy", [])[-5:]),
             "entropy_start": s["train/entropy"][0][1] if s.get("train/entropy") else float("nan"),
             "steps": len(s.get("timing/train_step", [])), "wall_seconds": done.get("wall_seconds", float("nan")),
             "val_curve": s.get(mean_tag, []), "reward_curve": s.get("rollout/reward_mean", [])}
@@ -240,9 +239,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def _tail_mean(curve: list[tuple[int, float]], n: int) -> float:
-    vals = [v for _, v in curve[-n:]]
-    return sum(vals) / len(vals) if vals else float("nan")
+def _mean(curve: list[tuple[int, float]], empty: float = float("nan")) -> float:
+    """Mean of the values of a ``[(step, value)]`` curve (``empty`` when it has none)."""
+    return sum(v for _, v in curve) / len(curve) if curve else empty
 
 
 def _smooth(xs: list[float], w: int) -> list[float]:
