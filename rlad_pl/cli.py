@@ -13,19 +13,27 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 from rlad_pl.errors import ConfigError
 
 
-def _cli_class():
+def _cli_class(state: dict):
+    """The ``LightningCLI`` subclass; ``state["stage"]`` records how far startup got (for error messages) and
+    ``state["started"]`` turns True when the subcommand (training itself) begins."""
     from lightning.pytorch.cli import LightningCLI
 
     from rlad_pl.callbacks import HFExport
+    from rlad_pl.checkpointing import RolloutCheckpoint
+    from rlad_pl.tb_layout import TensorBoardOverview
 
     class RLADCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(HFExport, "export")
+            parser.add_lightning_class_args(RolloutCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(TensorBoardOverview, "tensorboard")
             parser.set_defaults({
                 "trainer.reload_dataloaders_every_n_epochs": 1,
                 "trainer.num_sanity_val_steps": 0,
@@ -35,7 +43,96 @@ def _cli_class():
                 "trainer.devices": 1,
             })
 
+        def _parse_ckpt_path(self) -> None:
+            """``--ckpt_path`` resumes the run's state but never replaces the user's settings (LightningCLI's own
+            version parses the checkpoint's hyperparameters over the YAML / command line): a checkpoint whose model
+            settings differ from the given ones is refused with the list of differences."""
+            state["stage"] = "ckpt_path"
+            sub = self.config.get("subcommand")
+            if sub:
+                check_resume(self.config[sub].get("ckpt_path"), self.config[sub].get("model"))
+
+        def before_instantiate_classes(self) -> None:
+            sub = self.config.get("subcommand")
+            cfg = self.config[sub] if sub else self.config
+            check_output_dirs(cfg)
+            state["stage"] = "instantiate"
+
+        def instantiate_trainer(self, **kwargs):
+            state["stage"] = "trainer"
+            return super().instantiate_trainer(**kwargs)
+
+        def _instantiate_trainer(self, config, callbacks):
+            """The default ``RolloutCheckpoint`` (``--checkpoint.*``) steps aside when checkpointing is off or the
+            user's ``trainer.callbacks`` hold a ``ModelCheckpoint`` of their own."""
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            own = [c for c in (config.get("callbacks") or []) if isinstance(c, ModelCheckpoint)]
+            if own or config.get("enable_checkpointing") is False:
+                callbacks = [c for c in callbacks if not isinstance(c, RolloutCheckpoint)]
+            return super()._instantiate_trainer(config, callbacks)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            state["started"] = True
+            super()._run_subcommand(subcommand)
+
     return RLADCLI
+
+
+def check_resume(ckpt_path: Optional[str], model_cfg) -> None:
+    """Fail with one line when ``ckpt_path`` does not exist, cannot be read, or holds model hyperparameters that
+    differ from the given ones (``model_cfg``: the parsed ``model`` namespace). Lightning's special values
+    (``last``, ``best``, ``hpc``, ``registry...``) and sharded checkpoint folders are left to the trainer."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise ConfigError("ckpt_path", f"no checkpoint at '{ckpt_path}'")
+    if path.is_dir():
+        return
+    import torch
+
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001  (pickled extras in a checkpoint we wrote ourselves)
+            if "weights_only" not in str(e) and "Weights only" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError("ckpt_path", f"cannot read checkpoint '{ckpt_path}' ({_first_line(e)}); the file is "
+                          "truncated or not a Lightning checkpoint") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError("ckpt_path", f"'{ckpt_path}' is not a Lightning checkpoint (no state_dict)")
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if model_cfg is None:
+        return
+    diffs = [f"model.{k}: checkpoint {hparams[k]!r}, given {model_cfg[k]!r}" for k in sorted(hparams)
+             if k in model_cfg and not k.startswith("_") and hparams[k] != model_cfg[k]]
+    if diffs:
+        raise ConfigError("ckpt_path", f"'{ckpt_path}' was trained with other model settings ({'; '.join(diffs)});"
+                          " a resume continues the same run: give the checkpoint's values, or start a new run "
+                          "from its exported weights")
+
+
+def check_output_dirs(cfg) -> None:
+    """``trainer.default_root_dir`` and ``export.dirpath`` must be writable before any compute is spent."""
+    for field, value in (("trainer.default_root_dir", cfg.get("trainer", {}).get("default_root_dir")),
+                         ("export.dirpath", (cfg.get("export") or {}).get("dirpath"))):
+        if not value or "://" in str(value):
+            continue
+        path = Path(value)
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(field, f"'{value}' is not a folder ('{probe}' is a file)")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".rlad_pl_write_test")
+            os.close(fd)
+            os.remove(tmp)
+        except OSError as e:
+            raise ConfigError(field, f"cannot write to '{value}' ('{probe}': {e.strerror})") from None
 
 
 #: what a class_path under each key must name, for error messages
@@ -61,27 +158,97 @@ def _one_line(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:500]
 
 
-def main(args: Optional[list[str]] = None, run: bool = True):
-    """Entry point. ``args`` replaces ``sys.argv[1:]`` (tests call it in-process)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _chain(err: BaseException):
+    """``err`` and its causes / contexts, outermost first."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+#: Trainer arguments named in Lightning's error messages, most specific first
+_TRAINER_FIELDS = ("strategy", "accelerator", "devices", "num_nodes", "precision", "plugins", "callbacks", "logger",
+                   "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "val_check_interval",
+                   "check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "accumulate_grad_batches",
+                   "gradient_clip_val", "default_root_dir", "profiler", "deterministic")
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    return [v.split("=", 1)[1] if "=" in v else (argv[i + 1] if i + 1 < len(argv) else "")
+            for i, v in enumerate(argv) if v in ("--config", "-c") or v.startswith("--config=")]
+
+
+def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
+    """One line ``<field or file>: <what is wrong>`` for an error raised while the CLI starts up."""
     from jsonargparse import ArgumentError
 
-    from rlad_pl.data.datamodule import RolloutDataModule
-    from rlad_pl.module import DistillationModule
+    chain = list(_chain(err))
+    for e in chain:
+        if isinstance(e, ConfigError):
+            return str(e).splitlines()[0]
+    for e in chain:  # YAML syntax: file, line and column
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            files = _config_files(argv)
+            where = files[-1] if len(files) == 1 else "config"
+            return (f"{where}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: "
+                    f"{getattr(e, 'problem', None) or _first_line(e)}"
+                    + (f" ({e.context})" if getattr(e, "context", None) else ""))
+    for e in chain:
+        if type(e).__module__.startswith("omegaconf"):
+            key = getattr(e, "full_key", None) or ""
+            key = re.sub(r"^(fit|validate|test|predict)\.", "", str(key))
+            msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+            files = _config_files(argv)
+            return (f"{key or 'config'}: interpolation error: {msg}"
+                    + (f" (in {', '.join(files)})" if files else ""))
+    if isinstance(err, ArgumentError):
+        return _one_line(err)
+    text = " ".join(str(err).split())
+    if stage == "trainer":
+        named = [f for f in _TRAINER_FIELDS if re.search(rf"\b{f}\b", text)]
+        return f"trainer.{named[0] if named else 'init'}: {type(err).__name__}: {text}"[:600]
+    where = {"ckpt_path": "ckpt_path", "instantiate": "model/data"}.get(stage, "startup")
+    return f"{where}: {type(err).__name__}: {text}"[:600]
 
+
+def main(args: Optional[list[str]] = None, run: bool = True):
+    """Entry point. ``args`` replaces ``sys.argv[1:]`` (tests call it in-process).
+
+    Bad input ends in ONE line ``rlad_pl: error: <field>: <message>`` on stderr and exit code 2: every error while
+    the CLI starts up (parsing, YAML, interpolation, instantiating model / data / trainer, checks), and any
+    ``ConfigError`` raised later during training. Other errors during training keep their traceback. ``--debug``
+    (or ``RLAD_PL_DEBUG=1``) re-raises with the full traceback instead.
+    """
+    import jsonargparse
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("RLAD_PL_DEBUG", "").lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
+    # ``${model.student}`` in a YAML file is resolved after all files and command-line overrides are merged
+    jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    state = {"stage": "parse", "started": False}
     try:
-        return _cli_class()(DistillationModule, RolloutDataModule, args=args, run=run,
-                            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
-                            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    except ConfigError as e:
-        print(f"rlad_pl: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ArgumentError as e:
-        cause = e.__cause__ or e.__context__
-        while cause is not None and not isinstance(cause, ConfigError) and (cause.__cause__ or cause.__context__):
-            cause = cause.__cause__ or cause.__context__
-        msg = str(cause) if isinstance(cause, ConfigError) else _one_line(e)
-        print(f"rlad_pl: error: {msg}", file=sys.stderr)
+        from rlad_pl.data.datamodule import RolloutDataModule
+        from rlad_pl.module import DistillationModule
+
+        prog = "python -m rlad_pl" if sys.argv and sys.argv[0].endswith("__main__.py") else "rlad_pl"
+        return _cli_class(state)(DistillationModule, RolloutDataModule, args=argv, run=run,
+                                 parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "prog": prog},
+                                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001  (one line for bad input, see the docstring)
+        if debug or (state["started"] and not any(isinstance(c, ConfigError) for c in _chain(e))):
+            raise
+        print(f"rlad_pl: error: {describe_error(e, state['stage'], argv)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
