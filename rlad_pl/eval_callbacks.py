@@ -17,6 +17,7 @@ from typing import Optional
 import lightning as L
 import torch
 
+from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.data.tasks import Split, Task
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.hf import HFSampler
@@ -66,11 +67,13 @@ class ValidateAtStart(L.Callback):
 @torch.no_grad()
 def evaluate_policy(model: torch.nn.Module, tokenizer, task: Task, split: Split = "test", count: int = 512,
                     k: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
-                    pass_k: Optional[list[int]] = None, seed: int = 0, batch_size: int = 128) -> dict[str, float]:
+                    pass_k: Optional[list[int]] = None, seed: int = 0, batch_size: int = 128,
+                    prompt_format: Optional[PromptFormat] = None) -> dict[str, float]:
     """Mean@k / Pass@k (overall and per difficulty) and mean response length of ``model`` on ``count`` problems.
 
-    ``temperature=0`` is greedy decoding (then ``k`` should be 1: Mean@1 = accuracy). Prompts are encoded like the
-    data module does without a chat template (BOS + characters).
+    ``temperature=0`` is greedy decoding (then ``k`` should be 1: Mean@1 = accuracy). Prompts are encoded exactly
+    like the data module does (``encode_prompt`` with ``prompt_format``; default: the chat template when the
+    tokenizer has one, else BOS + text).
     """
     problems = task.problems(split, count, offset=0)
     buckets = sorted({p.difficulty for p in problems if p.difficulty is not None})
@@ -78,12 +81,7 @@ def evaluate_policy(model: torch.nn.Module, tokenizer, task: Task, split: Split 
     metric = MeanPassAtK(k, ks, buckets)
     sampler = HFSampler(batch_size=batch_size)
     sampler.setup(model, tokenizer)
-    prompt_ids = []
-    for p in problems:
-        ids = tokenizer(p.prompt)["input_ids"]
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id] + ids
-        prompt_ids.append(ids)
+    prompt_ids = [encode_prompt(tokenizer, p.prompt, prompt_format) for p in problems]
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=k, seed=seed)
     gen = sampler.generate(prompt_ids, params)
     texts = tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)

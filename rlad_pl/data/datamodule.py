@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from rlad_pl.advantages import group_advantages, zero_variance_fraction
 from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
+from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.data.tasks import Problem, Task
 from rlad_pl.errors import ConfigError
 from rlad_pl.objectives.base import DATASET_PREFIXES, PRIVILEGED_PROMPT, TEACHER_PREFIXES
@@ -73,6 +74,8 @@ class RolloutDataModule(L.LightningDataModule):
         group_by_length: order the sequences of each optimizer step by length before cutting micro-batches (the
             step's loss and gradient are unchanged; micro-batches of similar length pad less). Micro-batches are
             always trimmed to their own longest prompt and response.
+        prompt_format: how prompt text becomes token ids (chat template, system prompt, template kwargs, raw);
+            the same settings encode the teacher's privileged prompt (``rlad_pl.data.prompts.PromptFormat``).
     """
 
     def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
@@ -83,7 +86,7 @@ class RolloutDataModule(L.LightningDataModule):
                  correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0,
                  teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None,
                  seed_per_prompt: bool = False,
-                 group_by_length: bool = False):
+                 group_by_length: bool = False, prompt_format: Optional[PromptFormat] = None):
         super().__init__()
         for name, value in (("prompts_per_rollout", prompts_per_rollout), ("group_size", group_size),
                             ("micro_batch_size", micro_batch_size), ("steps_per_rollout", steps_per_rollout),
@@ -98,6 +101,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.prompts_per_rollout, self.group_size = prompts_per_rollout, group_size
         self.micro_batch_size, self.steps_per_rollout, self.ppo_epochs = micro_batch_size, steps_per_rollout, ppo_epochs
         self.group_by_length = group_by_length
+        self.prompt_format = prompt_format or PromptFormat()
+        self._shown_prompt = False
         self.sampling = (sampling or SamplingParams()).with_(n=group_size)
         self.val_sampling = (val_sampling or self.sampling).with_(n=val_k)
         self.scale_std_advantages, self.max_prompt_length = scale_std_advantages, max_prompt_length
@@ -129,7 +134,11 @@ class RolloutDataModule(L.LightningDataModule):
         return self.steps_per_rollout * self.ppo_epochs
 
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return encode_prompt(self.tokenizer, text, self.prompt_format)
+
+    def prompt_text(self, ids: list[int]) -> str:
+        """A prompt as the model sees it (template and special tokens included), for logs."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _prepare_sampler(self) -> dict[str, float]:
         """Sync the current student into the engine once per optimizer step."""
@@ -209,6 +218,11 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _encode_all(self, problems: list[Problem]) -> tuple[list[list[int]], int]:
         ids = [self.encode_prompt(p.prompt) for p in problems]
+        if ids and not self._shown_prompt:  # a template's default system prompt shows here
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"rlad_pl: first prompt as encoded for the model: {self.prompt_text(ids[0])!r}")
+            self._shown_prompt = True
         cut = sum(len(x) > self.max_prompt_length for x in ids)
         return [x[-self.max_prompt_length:] for x in ids], cut
 
@@ -267,7 +281,7 @@ class RolloutDataModule(L.LightningDataModule):
             "rollout/generated_tokens_per_s": lengths.sum().item() / max(t1 - t0, 1e-9),
         })
         self.rollout_stats = stats
-        self.samples = [(problems[i // G].prompt, texts[i], rewards[i].item())
+        self.samples = [(self.prompt_text(prompt_ids[i // G]), texts[i], rewards[i].item())
                         for i in range(0, len(texts), max(1, len(texts) // max(self.log_samples, 1)))
                         ][:self.log_samples]
         return rollout
@@ -344,19 +358,6 @@ class RolloutDataModule(L.LightningDataModule):
                           [p.difficulty for p in problems])
 
 
-def encode_prompt(tok, text: str) -> list[int]:
-    """Prompt token ids: the chat template (one user turn + generation prompt) when the tokenizer has one;
-    otherwise the plain encoding with BOS prepended when the tokenizer has a BOS token."""
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    ids = tok(text)["input_ids"]
-    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids
-    return ids
-
-
 def pad_rows_float(rows: list[list[float]], length: int) -> torch.Tensor:
     out = torch.zeros(len(rows), length)
     for i, r in enumerate(rows):
@@ -365,4 +366,4 @@ def pad_rows_float(rows: list[list[float]], length: int) -> torch.Tensor:
     return out
 
 
-__all__ = ["RolloutDataModule", "EvalResult", "pad_rows"]
+__all__ = ["RolloutDataModule", "EvalResult", "pad_rows", "encode_prompt"]
