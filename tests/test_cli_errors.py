@@ -47,5 +47,4 @@ def test_error_is_one_line_from_the_real_cli():
                           "/nonexistent/student"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2
     errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
-    assert errors == ["rlad_pl: error: model.student: no model directory at '/nonexistent/student' (expected a "
-                      "local folder with config.json; nothing is downloaded)"]
+    assert errors == ["rlad_pl: error: model.student: no such local folder '/nonexistent/student'"]
