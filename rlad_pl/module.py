@@ -24,7 +24,8 @@ from rlad_pl.errors import ConfigError
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
-from rlad_pl.models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
+                            shared_vocab_size)
 from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
                                      TEACHER_HIDDEN, TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
 
@@ -40,11 +41,16 @@ class DistillationModule(L.LightningModule):
     """Student + frozen teacher + objectives.
 
     Args:
-        student: local path of the trainable student (``save_pretrained`` layout).
+        student: the trainable student: a local ``save_pretrained`` folder or a hub id ``org/name[@revision]``
+            (from the local Hugging Face cache, downloaded when missing unless ``HF_HUB_OFFLINE=1``).
         objectives: one or more ``Objective`` instances (``class_path`` / ``init_args``), summed with their weights.
-        teacher: local path of the frozen teacher; loaded only when an objective needs it.
-        tokenizer: tokenizer path (default: the student's).
-        teacher_tokenizer: teacher tokenizer path checked against the student's (default: the teacher's).
+        teacher: the frozen teacher (folder or hub id); loaded only when an objective needs it.
+        tokenizer: tokenizer folder or hub id (default: the student's, from the same snapshot).
+        teacher_tokenizer: teacher tokenizer checked against the student's (default: the teacher's).
+        student_revision, teacher_revision, tokenizer_revision: hub revision (branch, tag or commit) of a hub id;
+            the same as writing ``org/name@revision``.
+        cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE`` / ``$HF_HOME/hub``).
+        trust_remote_code: allow a hub model's own Python code (``auto_map``) to run. Off by default.
         loss_agg: default aggregation for objectives that do not set their own.
         optimizer: optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-6}}``.
         lr_scheduler: optional scheduler factory, stepped once per optimizer step.
@@ -71,7 +77,9 @@ class DistillationModule(L.LightningModule):
                  temperature: Optional[float] = None, logprob_chunk_size: int = 256, annotate_batch_size: int = 32,
                  dtype: str = "float32", teacher_dtype: Optional[str] = None, gradient_checkpointing: bool = False,
                  log_entropy: bool = True, log_sampler_mismatch: bool = True,
-                 fsdp_mixed_precision: Optional[str] = None):
+                 fsdp_mixed_precision: Optional[str] = None, student_revision: Optional[str] = None,
+                 teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
+                 cache_dir: Optional[str] = None, trust_remote_code: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -99,24 +107,32 @@ class DistillationModule(L.LightningModule):
         self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
         self.log_entropy, self.log_sampler_mismatch = log_entropy, log_sampler_mismatch
 
-        self.tokenizer = load_tokenizer(tokenizer or student, "model.tokenizer" if tokenizer else "model.student")
-        self.student = load_causal_lm(student, "model.student", dtype)
+        needs_teacher = bool(self.requires & {TEACHER_LOGPROBS, TEACHER_HIDDEN}) or any(
+            o.needs_teacher for o in self.objectives)
+        if needs_teacher and teacher is None:
+            names = [type(o).__name__ for o in self.objectives if o.needs_teacher or o.requires & {
+                TEACHER_LOGPROBS, TEACHER_HIDDEN}]
+            raise ConfigError("model.teacher", f"{', '.join(names)} needs a teacher model path")
+        # every name is checked (folder / hub cache / revision / config / weight headers) before any model loads
+        hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+        student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
+                                                           student_revision, tokenizer_revision, **hub)
+        teacher_src = t_tok_src = None
+        if needs_teacher:
+            teacher_src, t_tok_src = resolve_model_and_tokenizer(teacher, "model.teacher", teacher_tokenizer,
+                                                                 "model.teacher_tokenizer", teacher_revision, **hub)
+        #: names of exactly the files loaded (``org/name@<commit>`` for hub ids), e.g. for the teacher cache
+        self.model_tags = {"student": student_src.tag, "teacher": teacher_src.tag if teacher_src else None}
+        self.tokenizer = load_tokenizer(tok_src)
+        self.student = load_causal_lm(student_src, "model.student", dtype)
         self.student.train()  # from_pretrained returns eval mode
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        needs_teacher = bool(self.requires & {TEACHER_LOGPROBS, TEACHER_HIDDEN}) or any(
-            o.needs_teacher for o in self.objectives)
         self.teacher = None
         if needs_teacher:
-            if teacher is None:
-                names = [type(o).__name__ for o in self.objectives if o.needs_teacher or o.requires & {
-                    TEACHER_LOGPROBS, TEACHER_HIDDEN}]
-                raise ConfigError("model.teacher", f"{', '.join(names)} needs a teacher model path")
-            t_tok = load_tokenizer(teacher_tokenizer or teacher,
-                                   "model.teacher_tokenizer" if teacher_tokenizer else "model.teacher")
-            check_tokenizers_match(self.tokenizer, t_tok, "model.teacher")
-            self.teacher = load_causal_lm(teacher, "model.teacher", teacher_dtype or dtype, trainable=False)
-        self.reference = (load_causal_lm(student, "model.student", dtype, trainable=False)
+            check_tokenizers_match(self.tokenizer, load_tokenizer(t_tok_src), "model.teacher")
+            self.teacher = load_causal_lm(teacher_src, "model.teacher", teacher_dtype or dtype, trainable=False)
+        self.reference = (load_causal_lm(student_src, "model.student", dtype, trainable=False)
                           if REF_LOGPROBS in self.requires else None)
         frozen = [m for m in (self.teacher, self.reference) if m is not None]
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
