@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch
+from rlad_pl.errors import ConfigError
 
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 # names an objective can put in ``requires``
 ADVANTAGES = "advantages"  # group-normalized advantages (needs group_size >= 2)
@@ -129,8 +131,16 @@ class Objective:
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None):
-        self.weight = weight
+        from rlad_pl.validation import check_choice, check_float
+
         self.name = name or type(self).__name__.lower()
+        if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{type(self).__name__.lower()}.name", f"expected a metric prefix of letters, digits, "
+                              f"'_' or '-', got {name!r}")
+        # NaN would skip every update, a negative weight would climb the loss
+        self.weight = check_float(f"{self.name}.weight", weight, low=0.0)
+        if loss_agg is not None:  # checked here, not at the first step
+            check_choice(f"{self.name}.loss_agg", loss_agg, AGG_MODES)
         self.loss_agg = loss_agg
 
     def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
