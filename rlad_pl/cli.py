@@ -56,6 +56,7 @@ def _cli_class(state: dict):
             sub = self.config.get("subcommand")
             cfg = self.config[sub] if sub else self.config
             check_output_dirs(cfg)
+            check_sampling(cfg)
             state["stage"] = "instantiate"
 
         def instantiate_trainer(self, **kwargs):
@@ -113,6 +114,23 @@ def check_resume(ckpt_path: Optional[str], model_cfg) -> None:
         raise ConfigError("ckpt_path", f"'{ckpt_path}' was trained with other model settings ({'; '.join(diffs)});"
                           " a resume continues the same run: give the checkpoint's values, or start a new run "
                           "from its exported weights")
+
+
+def check_sampling(cfg) -> None:
+    """Validate ``data.sampling`` / ``data.val_sampling`` under their full names (``SamplingParams`` itself only
+    knows it is ``sampling``)."""
+    from rlad_pl.rollout.sampler import SamplingParams
+
+    for key in ("sampling", "val_sampling"):
+        ns = (cfg.get("data") or {}).get(key)
+        if ns is None or not hasattr(ns, "as_dict"):
+            continue
+        try:
+            SamplingParams(**ns.as_dict())
+        except ConfigError as e:
+            raise ConfigError(f"data.{key}{e.field[len('sampling'):]}", e.message) from None
+        except TypeError:
+            pass  # an unexpected key: the parser reports it
 
 
 def check_output_dirs(cfg) -> None:
@@ -231,6 +249,7 @@ def main(args: Optional[list[str]] = None, run: bool = True):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("RLAD_PL_DEBUG", "").lower() not in ("", "0", "false", "no")
+    stripped = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     # ``${model.student}`` in a YAML file is resolved after all files and command-line overrides are merged
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -240,7 +259,8 @@ def main(args: Optional[list[str]] = None, run: bool = True):
         from rlad_pl.module import DistillationModule
 
         prog = "python -m rlad_pl" if sys.argv and sys.argv[0].endswith("__main__.py") else "rlad_pl"
-        return _cli_class(state)(DistillationModule, RolloutDataModule, args=argv, run=run,
+        return _cli_class(state)(DistillationModule, RolloutDataModule,
+                                 args=argv if args is not None or stripped else None, run=run,
                                  parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "prog": prog},
                                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     except (SystemExit, KeyboardInterrupt):
