@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Literal, Optional
@@ -280,10 +281,12 @@ def resolve_path(path: str | os.PathLike, field: str) -> Path:
     return resolve_source(path, field, kind="tokenizer").folder
 
 
-def _warn_remote_code(src: ModelSource) -> None:
-    if src.trust_remote_code:
-        log.warning("%s: trust_remote_code is on: Python code from '%s' may run on this machine", src.field,
-                    src.tag)
+def warn_remote_code(*sources: Optional[ModelSource]) -> None:
+    """One warning line naming every source loaded with ``trust_remote_code`` (none when it is off)."""
+    tags = list(dict.fromkeys(s.tag for s in sources if s is not None and s.trust_remote_code))
+    if tags and os.environ.get("RANK", "0") in ("0", ""):
+        print("rlad_pl: warning: model.trust_remote_code: on, so Python code from "
+              f"{', '.join(repr(t) for t in tags)} may run on this machine", file=sys.stderr)
 
 
 def load_tokenizer(path: str | os.PathLike | ModelSource, field: str = "model.tokenizer"):
@@ -292,7 +295,6 @@ def load_tokenizer(path: str | os.PathLike | ModelSource, field: str = "model.to
 
     src = resolve_source(path, field, kind="tokenizer")
     name, kwargs = src.from_pretrained_args()
-    _warn_remote_code(src)
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
@@ -324,7 +326,6 @@ def load_causal_lm(path: str | os.PathLike | ModelSource, field: str, dtype: str
                               "bfloat16 or float16)")
         dtype = getattr(torch, dtype)
     name, kwargs = src.from_pretrained_args()
-    _warn_remote_code(src)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except SafetensorError as e:

@@ -191,10 +191,23 @@ def test_remote_code_off_unless_asked(hub, tmp_path):
                                                     "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"}}))
     with pytest.raises(ConfigError, match="needs its own Python code .* set model.trust_remote_code: true"):
         resolve_source(folder, "model.student")
-    assert resolve_source(folder, "model.student", trust_remote_code=True).trust_remote_code
+    trusted = resolve_source(folder, "model.student", trust_remote_code=True)
+    assert trusted.from_pretrained_args() == (str(folder), {"trust_remote_code": True})
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_arch"}))
     with pytest.raises(ConfigError, match="has model_type 'no_such_arch', which transformers .* does not know$"):
         resolve_source(folder, "model.student", trust_remote_code=True)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_remote_code_warning_is_one_line(hub, capsys, trust):
+    from rlad_pl.module import DistillationModule
+    from rlad_pl.objectives import GRPO
+
+    m = DistillationModule("org/tiny", [GRPO()], trust_remote_code=trust)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "rlad_pl: warning" in ln]
+    expected = [f"rlad_pl: warning: model.trust_remote_code: on, so Python code from 'org/tiny@{COMMIT_A}' may run "
+                "on this machine"] if trust else []
+    assert err == expected and m.hparams.trust_remote_code is trust
 
 
 def test_tiny_fit_by_hub_id_keeps_the_token_out_of_the_run(hub, tmp_path, monkeypatch):
@@ -213,3 +226,16 @@ def test_tiny_fit_by_hub_id_keeps_the_token_out_of_the_run(hub, tmp_path, monkey
     assert "student: org/tiny" in hparams and "student_revision: v2" in hparams
     leaks = [str(p) for p in files if SENTINEL.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_teacher_cache_is_keyed_by_the_teacher_commit(hub, tmp_path):
+    """Teacher generations cached under ``org/tiny`` at main are not reused for ``org/tiny`` at v2."""
+    cache = tmp_path / "teacher_cache"
+    for rev in ("main", "v2"):
+        cli = run_cli("fit", "--config", str(CONFIGS / "forward_kl_teacher_prefix_tiny.yaml"), "--model.teacher",
+                      "org/tiny", "--model.teacher_tokenizer", "org/tiny", "--model.teacher_revision", rev,
+                      "--data.teacher_cache_dir", str(cache), "--trainer.max_epochs", "1", "--trainer.logger",
+                      "false", "--trainer.enable_checkpointing", "false", "--export.enabled", "false")
+        assert cli.model.model_tags["teacher"] == f"org/tiny@{COMMIT_A if rev == 'main' else COMMIT_B}"
+        assert cli.datamodule.rollout_stats["rollout/teacher_cache_hits"] == 0.0
+    assert len(list(cache.glob("*.json"))) == 2
