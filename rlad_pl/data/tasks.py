@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from rlad_pl.errors import ConfigError
+from rlad_pl.validation import check_int
 
 Split = Literal["train", "val", "test"]
 
@@ -45,6 +46,19 @@ class Task:
 
     def verify(self, completion: str, problem: Problem) -> float:
         raise NotImplementedError
+
+
+def format_template(template: str, values: dict[str, Any], field: str, where: str) -> str:
+    """``template.format(**values)``; a missing or malformed placeholder is a ``ConfigError`` naming the field, the
+    item (``where``) and the fields it has."""
+    try:
+        return template.format(**values)
+    except KeyError as e:
+        raise ConfigError(field, f"{template!r} names {{{e.args[0]}}}, which {where} lacks (it has "
+                          f"{', '.join(sorted(map(str, values)))}); double literal braces as {{{{ }}}}") from None
+    except (IndexError, ValueError) as e:
+        raise ConfigError(field, f"{template!r} is not a valid format string ({e}); name fields as {{field}}, "
+                          "double literal braces as {{ }}") from None
 
 
 def extract_answer(completion: str, pattern: Optional[str]) -> str:
@@ -102,6 +116,7 @@ class ReasoningGymTask(Task):
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"{self.field}.config", f"invalid config for '{dataset}': {e}") from None
         self._rg = reasoning_gym
+        self.problems("val", 1)  # a template naming a missing field fails here, not at the first rollout
 
     def _dataset(self, split: Split):
         if split not in self._datasets:
@@ -125,11 +140,12 @@ class ReasoningGymTask(Task):
         for i in range(offset, offset + count):
             entry = ds[i % n]
             fmt = {**entry["metadata"], "question": entry["question"], "answer": entry["answer"]}
-            out.append(Problem(prompt=self.prompt_template.format(**fmt), answer=str(entry["answer"]),
+            where = f"{split} item {i % n}"
+            fill = lambda name: (format_template(getattr(self, name), fmt, f"{self.field}.{name}", where)  # noqa: E731
+                                 if getattr(self, name) is not None else None)
+            out.append(Problem(prompt=fill("prompt_template"), answer=str(entry["answer"]),
                                difficulty=self._difficulty(entry["metadata"]),
-                               privileged=self.privileged_template.format(**fmt) if self.privileged_template
-                               else None,
-                               solution=self.solution_template.format(**fmt) if self.solution_template else None,
+                               privileged=fill("privileged_template"), solution=fill("solution_template"),
                                metadata={"entry": entry}))
         return out
 
@@ -170,7 +186,13 @@ class JSONLTask(Task):
             raise ConfigError(f"{self.field}.{name}", f"no such file '{path}'")
         prompt_f, answer_f, diff_f, priv_f, sol_f = self.fields
         out = []
-        for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{self.field}.{name}", f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x} at "
+                              f"offset {e.start}); re-encode the file as UTF-8") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -180,7 +202,8 @@ class JSONLTask(Task):
             if not isinstance(row, dict) or prompt_f not in row or answer_f not in row:
                 raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: expected an object with fields "
                                   f"'{prompt_f}' and '{answer_f}'")
-            prompt = self.prompt_template.format(**row) if self.prompt_template else str(row[prompt_f])
+            prompt = (format_template(self.prompt_template, row, f"{self.field}.prompt_template", f"{path}:{lineno}")
+                      if self.prompt_template else str(row[prompt_f]))
             out.append(Problem(prompt=prompt, answer=str(row[answer_f]),
                                difficulty=str(row[diff_f]) if diff_f and diff_f in row else None,
                                privileged=str(row[priv_f]) if priv_f and priv_f in row else None,
@@ -217,6 +240,10 @@ class CharFrequencyTask(Task):
                  solution_length: int = 8):
         if len(target) != 1:
             raise ConfigError(f"{self.field}.target", f"expected one character, got '{target}'")
+        if not alphabet:
+            raise ConfigError(f"{self.field}.alphabet", "expected at least one character to draw prompts from")
+        check_int(f"{self.field}.prompt_length", prompt_length)
+        check_int(f"{self.field}.solution_length", solution_length)
         self.target, self.alphabet, self.prompt_length = target, alphabet, prompt_length
         self.solution_length = solution_length
 
