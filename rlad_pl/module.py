@@ -20,7 +20,8 @@ from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.distributed import reshard, root_call
-from rlad_pl.errors import ConfigError
+from rlad_pl.errors import ConfigError, warn_once
+from rlad_pl.validation import check_choice, check_float, check_int
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
@@ -98,12 +99,23 @@ class DistillationModule(L.LightningModule):
             if obj.loss_agg is None:
                 obj.loss_agg = loss_agg
         self.objectives = list(objectives)
+        check_unique_names(self.objectives)
         self.requires = frozenset().union(*(o.requires for o in self.objectives))
+        # a negative clip would flip the gradient's sign, 0 would zero it: positive or None (no clipping)
+        if grad_clip is not None:
+            check_float("model.grad_clip", grad_clip, low=0.0, low_open=True, hint=" (null: no clipping)")
+        if temperature is not None:
+            check_float("model.temperature", temperature, low=0.0, low_open=True,
+                        hint=" (null: the sampling temperature)")
+        check_int("model.logprob_chunk_size", logprob_chunk_size)
+        check_int("model.annotate_batch_size", annotate_batch_size)
+        if fsdp_mixed_precision is not None:
+            check_choice("model.fsdp_mixed_precision", fsdp_mixed_precision,
+                         ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
+        check_optimizer(optimizer, lr_scheduler)  # the factories run only in configure_optimizers: probe them now
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.grad_clip, self.temperature = grad_clip, temperature if temperature is not None else 1.0
         self._temperature_from_data = temperature is None
-        if temperature is not None and temperature <= 0:
-            raise ConfigError("model.temperature", f"expected a positive temperature, got {temperature}")
         self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
         self.log_entropy, self.log_sampler_mismatch = log_entropy, log_sampler_mismatch
 
@@ -166,6 +178,8 @@ class DistillationModule(L.LightningModule):
             raise ConfigError("data.group_size", f"{', '.join(group_objs)} normalizes advantages within a group "
                               f"of responses and needs group_size >= 2, got {dm.group_size}")
         sampling = getattr(dm, "sampling", None)
+        if group_objs and sampling is not None:
+            check_group_sampling(group_objs, sampling)
         if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
             self.temperature = float(sampling.temperature)
         if hasattr(dm, "buckets"):
@@ -418,6 +432,58 @@ def _cross_rank_ops(logs: dict) -> dict[str, list[str]]:
         else:
             ops["mean"].append(k)
     return ops
+
+
+#: below these, sampling is near-greedy: a group's responses are (nearly) identical
+NEAR_GREEDY_TEMPERATURE, NEAR_GREEDY_TOP_P = 0.1, 0.1
+
+
+def check_group_sampling(group_objs: list[str], sampling) -> None:
+    """Group-normalized advantages need different responses within a group. Greedy decoding (temperature 0) makes
+    every group identical, so every advantage is 0 and nothing trains: an error. Near-greedy sampling (temperature
+    or top_p below 0.1) is legal but mostly gives zero-variance groups: one warning line."""
+    names = ", ".join(group_objs)
+    if sampling.temperature == 0:
+        raise ConfigError("data.sampling.temperature", f"{names} normalizes advantages within a group; greedy "
+                          "decoding (temperature 0) gives identical responses, all-zero advantages and no update; "
+                          "expected a temperature > 0 (e.g. 1.0)")
+    if sampling.temperature < NEAR_GREEDY_TEMPERATURE or sampling.top_p < NEAR_GREEDY_TOP_P:
+        warn_once("data.sampling", f"temperature={sampling.temperature:g}, top_p={sampling.top_p:g} is near-greedy: "
+                  f"{names} will see many zero-variance groups (watch rollout/zero_variance_groups)")
+
+
+def check_unique_names(objectives: list[Objective]) -> None:
+    """Two objectives with one ``name`` would log into (and overwrite) the same metrics."""
+    seen: dict[str, int] = {}
+    for i, obj in enumerate(objectives):
+        if obj.name in seen:
+            raise ConfigError(f"model.objectives[{i}].init_args.name", f"objectives {seen[obj.name]} and {i} are both "
+                              f"named '{obj.name}' (their metrics would overwrite each other); give each a distinct name")
+        seen[obj.name] = i
+
+
+def check_optimizer(optimizer, lr_scheduler) -> None:
+    """Build the optimizer (and scheduler) factory on a dummy parameter so that a bad ``init_args`` value fails at
+    construction, naming the field, instead of in ``configure_optimizers`` after the models are loaded. Every
+    param group's ``lr`` must be a finite number > 0 (``inf`` turns the weights into NaN, 0 trains nothing)."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        opt = optimizer([probe])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError("model.optimizer.init_args", f"{type(e).__name__}: {e}") from None
+    for group in opt.param_groups:
+        lr = group.get("lr")
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        if lr is not None:
+            check_float("model.optimizer.init_args.lr", lr, low=0.0, low_open=True)
+        for key in ("weight_decay", "eps", "momentum"):
+            if isinstance(group.get(key), float):
+                check_float(f"model.optimizer.init_args.{key}", group[key])
+    if lr_scheduler is not None:
+        try:
+            lr_scheduler(opt)
+        except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+            raise ConfigError("model.lr_scheduler.init_args", f"{type(e).__name__}: {e}") from None
 
 
 def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:

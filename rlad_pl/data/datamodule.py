@@ -9,6 +9,7 @@ spans ranks, so advantages are exact. The trainer must reload dataloaders every 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,6 +23,7 @@ from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
 from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.data.tasks import Problem, Task
 from rlad_pl.errors import ConfigError
+from rlad_pl.validation import check_float, check_int
 from rlad_pl.objectives.base import DATASET_PREFIXES, PRIVILEGED_PROMPT, TEACHER_PREFIXES
 from rlad_pl.rollout.cache import GenerationCache
 from rlad_pl.rollout.hf import HFSampler
@@ -93,6 +95,16 @@ class RolloutDataModule(L.LightningDataModule):
                             ("ppo_epochs", ppo_epochs), ("val_k", val_k)):
             if value < 1:
                 raise ConfigError(f"data.{name}", f"expected a positive integer, got {value}")
+        check_int("data.max_prompt_length", max_prompt_length)
+        check_int("data.val_prompts", val_prompts, hint=" (to skip validation set trainer.limit_val_batches: 0)")
+        check_int("data.val_batch_prompts", val_batch_prompts)
+        check_int("data.log_samples", log_samples, minimum=0)
+        check_int("data.seed", seed, minimum=0)
+        check_float("data.correct_threshold", correct_threshold)
+        for k in pass_k or []:
+            check_int("data.pass_k", k, hint=f" in {pass_k}")
+        if reward is not None and not callable(reward):
+            raise ConfigError("data.reward", f"expected a callable (completion, problem) -> float, got {reward!r}")
         if (prompts_per_rollout * group_size) % steps_per_rollout:
             raise ConfigError("data.steps_per_rollout", f"{prompts_per_rollout * group_size} sequences per rollout "
                               f"do not split into {steps_per_rollout} equal optimizer steps")
@@ -210,8 +222,26 @@ class RolloutDataModule(L.LightningDataModule):
         return ids, mask, P
 
     def _score(self, completions: list[str], problems: list[Problem], reward: Optional[Reward]) -> torch.Tensor:
+        """One finite float per completion. A reward function that raises or returns None / NaN / a non-number
+        stops the run with one line naming the sample index, its prompt and the value."""
         fn = reward if reward is not None else self.task.verify
-        return torch.tensor([float(fn(c, p)) for c, p in zip(completions, problems)], dtype=torch.float32)
+        field = "data.reward" if reward is not None else f"{self.task.field}.verify"
+        scores = []
+        for i, (c, p) in enumerate(zip(completions, problems)):
+            where = f"sample {i} (prompt {p.prompt[:60]!r}, completion {c[:40]!r})"
+            try:
+                value = fn(c, p)
+            except Exception as e:  # noqa: BLE001  (any failure of user code: name the sample)
+                raise ConfigError(field, f"{type(fn).__name__} raised {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:200]} on {where}") from e
+            try:
+                score = float(value)
+            except (TypeError, ValueError):
+                score = None
+            if score is None or not math.isfinite(score):
+                raise ConfigError(field, f"expected a finite float, got {value!r} on {where}")
+            scores.append(score)
+        return torch.tensor(scores, dtype=torch.float32)
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
