@@ -30,6 +30,7 @@ dataset that is not cached while offline.
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from pathlib import Path
@@ -46,15 +47,35 @@ TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".txt"}
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 
 
-def check_utf8(path: Path, field: str) -> None:
-    """A text data file must be UTF-8 (``datasets`` would fail late, on first access, with a raw traceback)."""
+def check_text_file(path: Path, field: str) -> None:
+    """A text data file must be UTF-8 (``datasets`` would fail late, on first access, with a raw traceback) and a
+    ``.jsonl`` file one JSON value per line (named by line number, which ``datasets``' reader does not give)."""
     data = path.read_bytes()
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(field, f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                           f"{e.start}); re-encode the file as UTF-8") from None
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(field, f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+
+
+def check_file(path: Path, field: str) -> None:
+    """Local data files: readable text (``check_text_file``) and not empty (``datasets`` fails obscurely on both)."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        check_text_file(path, field)
+        empty = not path.read_text(encoding="utf-8").strip()
+    else:
+        empty = path.stat().st_size == 0 or (suffix == ".parquet" and _parquet_rows(path) == 0)
+    if empty:
+        raise ConfigError(field, f"'{path}' holds no rows")
 
 
 def template_fields(template: str, field: str) -> list[str]:
@@ -155,7 +176,7 @@ class DatasetTask(Task):
         if n_val + n_test >= n:
             raise ConfigError(f"{f}.val_fraction" if n_val else f"{f}.test_fraction",
                               f"holding out {n_val + n_test} of {n} rows of split '{split}' leaves no training rows")
-        buckets = self._buckets(labels, rng)
+        buckets = self._buckets(labels, rng)  # shuffled: the held-out rows are a seeded sample of each bucket
         val_counts = largest_remainder(n_val, [len(b) for b in buckets])
         rest = [b[c:] for b, c in zip(buckets, val_counts)]
         test_counts = largest_remainder(n_test, [len(b) for b in rest])
@@ -169,11 +190,11 @@ class DatasetTask(Task):
         if val_split is not None:
             self.splits["val"] = self._eval_split(val_split, "val_split", rng)
         else:
-            self.splits["val"] = (train, interleave([b[:c] for b, c in zip(buckets, val_counts)]))
+            self.splits["val"] = (train, interleave([self._order(b[:c]) for b, c in zip(buckets, val_counts)]))
         if test_split is not None:
             self.splits["test"] = self._eval_split(test_split, "test_split", rng)
         elif n_test:
-            self.splits["test"] = (train, interleave([b[:c] for b, c in zip(rest, test_counts)]))
+            self.splits["test"] = (train, interleave([self._order(b[:c]) for b, c in zip(rest, test_counts)]))
         else:
             self.splits["test"] = self.splits["val"]
         self._cache: dict[tuple[str, int], Problem] = {}
@@ -193,8 +214,7 @@ class DatasetTask(Task):
             if builder is None:
                 raise ConfigError(f"{f}.path", f"'{self.path}': unknown file type '{p.suffix}' (expected one of "
                                   f"{', '.join(sorted(BUILDERS))}, a folder or a hub id)")
-            if p.suffix.lower() in TEXT_SUFFIXES:
-                check_utf8(p, f"{f}.path")
+            check_file(p, f"{f}.path")
             if p.suffix.lower() == ".tsv":
                 args.setdefault("sep", "\t")
             args["data_files"] = {"train": str(p)}
@@ -214,8 +234,7 @@ class DatasetTask(Task):
                     continue  # globs, URLs and files inside a hub repo are resolved by ``datasets``
                 if not fp.is_file():
                     raise ConfigError(f"{self.field}.data_files", f"no such file '{file}'")
-                if fp.suffix.lower() in TEXT_SUFFIXES:
-                    check_utf8(fp, f"{self.field}.data_files")
+                check_file(fp, f"{self.field}.data_files")
 
     def _from_disk(self, p: Path, split: str, key: str):
         import datasets
@@ -247,7 +266,7 @@ class DatasetTask(Task):
             if msg.startswith("Unknown split"):
                 raise ConfigError(f"{f}.{key}", f"no split '{split}' in '{self.path}' ({msg.split('. ', 1)[-1]})"
                                   ) from None
-            raise ConfigError(f"{f}.path", f"cannot load '{self.path}' ({_reason(e)})") from None
+            raise ConfigError(f"{f}.path", f"cannot read '{self.path}' ({_reason(e)})") from None
         except ConnectionError as e:
             if datasets.config.HF_HUB_OFFLINE:
                 raise ConfigError(f"{f}.path", f"'{self.path}' is not a local file or folder and not in the "
@@ -298,21 +317,25 @@ class DatasetTask(Task):
             return [None] * len(ds)
         return [None if v is None else str(v) for v in ds[self.difficulty_field]]
 
-    def _buckets(self, labels: list[Optional[str]], rng: random.Random) -> list[list[int]]:
+    @staticmethod
+    def _buckets(labels: list[Optional[str]], rng: random.Random) -> list[list[int]]:
         """Row indices per difficulty bucket (sorted by name, missing last), shuffled with ``rng``."""
         groups: dict[Optional[str], list[int]] = {}
         for i, lab in enumerate(labels):
             groups.setdefault(lab, []).append(i)
         out = [groups[k] for k in sorted(groups, key=lambda k: (k is None, k or ""))]
-        if self.shuffle:
-            for g in out:
-                rng.shuffle(g)
+        for g in out:
+            rng.shuffle(g)
         return out
+
+    def _order(self, rows: list[int]) -> list[int]:
+        """Rows in serving order: as drawn (shuffled) or, with ``shuffle: false``, in file order."""
+        return list(rows) if self.shuffle else sorted(rows)
 
     def _eval_split(self, split: str, key: str, rng: random.Random) -> tuple[Any, list[int]]:
         ds = self._split(split, key)
         self._check_columns(ds)
-        return ds, interleave(self._buckets(self._labels(ds), rng))
+        return ds, interleave([self._order(b) for b in self._buckets(self._labels(ds), rng)])
 
     # ----------------------------------------------------------------------------------------- problems
     def _problem(self, split: str, i: int) -> Problem:
@@ -339,6 +362,16 @@ class DatasetTask(Task):
 
     def verify(self, completion: str, problem: Problem) -> float:
         return float(self.verifier(completion, problem))
+
+
+def _parquet_rows(p: Path) -> int:
+    """Row count from a parquet footer; -1 when unreadable (the reader then reports why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(p).metadata.num_rows
+    except Exception:
+        return -1
 
 
 def _reason(e: BaseException) -> str:
