@@ -26,12 +26,14 @@ def _cli_class(state: dict):
     from lightning.pytorch.cli import LightningCLI
 
     from rlad_pl.callbacks import HFExport
+    from rlad_pl.tb_layout import TensorBoardOverview
     from rlad_pl.checkpointing import RolloutCheckpoint
     from rlad_pl.tb_layout import TensorBoardOverview
 
     class RLADCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(HFExport, "export")
+            parser.add_lightning_class_args(TensorBoardOverview, "tensorboard")
             parser.add_lightning_class_args(RolloutCheckpoint, "checkpoint")
             parser.add_lightning_class_args(TensorBoardOverview, "tensorboard")
             parser.set_defaults({
