@@ -150,6 +150,8 @@ def _resolve_hub(spec: str, field: str, kind: Kind, revision: Optional[str], rev
     from huggingface_hub.file_download import repo_folder_name
 
     looked = f"looked in {Path.cwd()} and in {PACKAGE_DIR}"
+    if os.path.isfile(os.path.expanduser(spec)):
+        raise ConfigError(field, f"'{spec}' is a file; expected a model folder (config.json + weights) or a hub id")
     if _looks_like_path(spec):
         raise ConfigError(field, f"no such local folder '{spec}'" + ("" if os.path.isabs(os.path.expanduser(spec))
                                                                      else f" ({looked})"))
