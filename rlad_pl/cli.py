@@ -26,14 +26,12 @@ def _cli_class(state: dict):
     from lightning.pytorch.cli import LightningCLI
 
     from rlad_pl.callbacks import HFExport
-    from rlad_pl.tb_layout import TensorBoardOverview
     from rlad_pl.checkpointing import RolloutCheckpoint
     from rlad_pl.tb_layout import TensorBoardOverview
 
     class RLADCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(HFExport, "export")
-            parser.add_lightning_class_args(TensorBoardOverview, "tensorboard")
             parser.add_lightning_class_args(RolloutCheckpoint, "checkpoint")
             parser.add_lightning_class_args(TensorBoardOverview, "tensorboard")
             parser.set_defaults({
@@ -164,18 +162,28 @@ _EXPECTED_CLASS = {"model.objectives": "an rlad_pl.objectives.Objective subclass
 
 def _one_line(err: BaseException) -> str:
     """Condense a jsonargparse error to one line: ``<field>: <what is wrong> (<what was expected>)``."""
+    chain = list(_chain(err))
     text = str(err).strip()
-    key = re.search(r'Parser key "([^"]+)"', text)
-    field = key.group(1) if key else None
+    field = _field_of(chain)
     bad_class = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", text)
-    if field and bad_class:
+    if bad_class and not bad_class.group(2).startswith(("Parser key", "Option ")):  # the class itself is unusable
         expected = _EXPECTED_CLASS.get(field, "an importable class")
         return f"{field}: cannot use class_path '{bad_class.group(1)}' ({bad_class.group(2).strip()}); expected {expected}"
-    lines = [ln.strip().lstrip("- ") for ln in text.splitlines() if ln.strip()]
-    details = [ln for ln in lines[1:] if not ln.startswith("Expected a path but")]
-    if field and details:
-        return f"{field}: {details[0]}"[:500]
-    return (lines[0] if lines else type(err).__name__)[:500]
+    where = f" (in {bad_class.group(1)})" if bad_class else ""
+    for e in chain:  # a union type: name the alternatives and the value given
+        sub = re.search(r"Subtypes: \[(.*)\]\s*\n", str(e))
+        given = re.search(r"Given value: (.*)", str(e))
+        if "Does not validate against any of the Union subtypes" in str(e) and sub and given:
+            kinds = re.sub(r"<class '([^']+)'>", r"\1", sub.group(1)).replace("NoneType", "null")
+            value = given.group(1).split(". Got value:")[0].strip()
+            return f"{field}: expected one of [{kinds}], got {value}{where}"[:600]
+    lines = [ln.strip().lstrip("- ") for ln in str(chain[-1]).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Expected a path but", "Parser key"))] or [
+        ln.strip().lstrip("- ") for ln in text.splitlines() if ln.strip() and not ln.startswith("Parser key")]
+    detail = lines[0] if lines else type(err).__name__
+    if bad_class and bad_class.group(2).startswith("Option "):
+        detail = bad_class.group(2).strip()
+    return (f"{field}: {detail}{where}" if field else detail)[:600]
 
 
 def _first_line(err: BaseException) -> str:
@@ -204,6 +212,45 @@ def _config_files(argv: list[str]) -> list[str]:
             for i, v in enumerate(argv) if v in ("--config", "-c") or v.startswith("--config=")]
 
 
+def _strip_subcommand(key: str) -> str:
+    return re.sub(r"^(fit|validate|test|predict)\.", "", key)
+
+
+def _is_parser_message(err: BaseException) -> bool:
+    """True for the parser's own wrapping errors (as opposed to an error raised by user or library code)."""
+    from jsonargparse import ArgumentError
+
+    text = str(err)
+    return isinstance(err, ArgumentError) or (type(err) in (ValueError, TypeError) and any(
+        m in text for m in ("Parser key", "Does not validate against", "Expected a", "Problem with given class_path",
+                            "Not a valid subclass", "Expected a path")))
+
+
+#: base classes in the parser's "Subtypes: [...]" lists -> the config field they belong to
+_FIELD_OF_BASE = {"Callback": "trainer.callbacks", "Logger": "trainer.logger", "Objective": "model.objectives",
+                  "Task": "data.task", "Sampler": "data.sampler", "SamplingParams": "data.sampling",
+                  "Strategy": "trainer.strategy", "Optimizer": "model.optimizer", "LRScheduler": "model.lr_scheduler"}
+
+
+def _field_of(chain: list[BaseException]) -> str:
+    """The dotted config field an error chain refers to: its ``Parser key "..."`` names joined, or the field of
+    the base class named in a ``Subtypes`` list."""
+    keys: list[str] = []
+    for e in chain:
+        for k in re.findall(r'Parser key "([^"]+)"', str(e)):
+            if k not in keys and not any(x.endswith("." + k) for x in keys):
+                keys.append(k)
+    if keys:
+        return ".".join(keys)
+    for e in chain:
+        sub = re.search(r"Subtypes: \[([^\n]*)", str(e))
+        if sub:
+            for base, field in _FIELD_OF_BASE.items():
+                if re.search(rf"\b{base}\b", sub.group(1)):
+                    return field
+    return ""
+
+
 def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
     """One line ``<field or file>: <what is wrong>`` for an error raised while the CLI starts up."""
     from jsonargparse import ArgumentError
@@ -222,18 +269,27 @@ def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
                     + (f" ({e.context})" if getattr(e, "context", None) else ""))
     for e in chain:
         if type(e).__module__.startswith("omegaconf"):
-            key = getattr(e, "full_key", None) or ""
-            key = re.sub(r"^(fit|validate|test|predict)\.", "", str(key))
-            msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+            key = _strip_subcommand(str(getattr(e, "full_key", None) or "config"))
+            msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+            resolved = re.search(r"resolved to '([^']+)'", msg)
+            if resolved and "not found" in msg:
+                msg = f"interpolation key '{_strip_subcommand(resolved.group(1))}' not found"
             files = _config_files(argv)
-            return (f"{key or 'config'}: interpolation error: {msg}"
-                    + (f" (in {', '.join(files)})" if files else ""))
+            return f"{key}: {msg}" + (f" (in {', '.join(files)})" if files else "")
+    if isinstance(err, ArgumentError):
+        return _one_line(err)
+    inner = chain[-1]
+    if not _is_parser_message(inner):  # a class's own constructor (e.g. a callback's) rejected its init args
+        return f"{_field_of(chain) or 'config'}: {_first_line(inner)}"
     if isinstance(err, ArgumentError):
         return _one_line(err)
     text = " ".join(str(err).split())
     if stage == "trainer":
-        named = [f for f in _TRAINER_FIELDS if re.search(rf"\b{f}\b", text)]
-        return f"trainer.{named[0] if named else 'init'}: {type(err).__name__}: {text}"[:600]
+        hits = [(m.start(), f) for f in _TRAINER_FIELDS for m in [re.search(rf"\b{f}\b", text)] if m]
+        if not hits and re.search(r"\b(gpu|cuda|mps|tpu|xla|backend)\b", text, re.I):
+            hits = [(0, "accelerator")]
+        field = min(hits)[1] if hits else "init"
+        return f"trainer.{field}: {text}"[:600]
     where = {"ckpt_path": "ckpt_path", "instantiate": "model/data"}.get(stage, "startup")
     return f"{where}: {type(err).__name__}: {text}"[:600]
 

@@ -470,7 +470,10 @@ def check_optimizer(optimizer, lr_scheduler) -> None:
     try:
         opt = optimizer([probe])
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError("model.optimizer.init_args", f"{type(e).__name__}: {e}") from None
+        words = {"learning rate": "lr", "weight_decay": "weight_decay", "beta": "betas", "epsilon": "eps",
+                 "eps": "eps", "momentum": "momentum", "dampening": "dampening", "alpha": "alpha"}
+        key = next((k for w, k in words.items() if w in str(e).lower()), None)
+        raise ConfigError("model.optimizer.init_args" + (f".{key}" if key else ""), f"{e}") from None
     for group in opt.param_groups:
         lr = group.get("lr")
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr

@@ -103,6 +103,12 @@ class RolloutDataModule(L.LightningDataModule):
         check_float("data.correct_threshold", correct_threshold)
         for k in pass_k or []:
             check_int("data.pass_k", k, hint=f" in {pass_k}")
+        limit = getattr(sampler, "max_model_len", None)
+        sampling_params = [(n, p) for n, p in (("sampling", sampling), ("val_sampling", val_sampling)) if p]
+        for name, params in sampling_params:
+            if isinstance(limit, int) and params.max_new_tokens >= limit:
+                raise ConfigError(f"data.{name}.max_new_tokens", f"{params.max_new_tokens} leaves no room for a "
+                                  f"prompt within data.sampler.init_args.max_model_len={limit}")
         if reward is not None and not callable(reward):
             raise ConfigError("data.reward", f"expected a callable (completion, problem) -> float, got {reward!r}")
         if (prompts_per_rollout * group_size) % steps_per_rollout:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlad_pl.batch import pad_rows
+from rlad_pl.errors import warn_once
 from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 
 
@@ -45,6 +46,11 @@ class HFSampler(Sampler):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if isinstance(limit, int) and longest + params.max_new_tokens > limit:  # generate runs on, past the range
+            warn_once("data.sampling.max_new_tokens", f"the longest prompt ({longest} tokens) + max_new_tokens "
+                      f"({params.max_new_tokens}) exceeds the model's max_position_embeddings {limit}")
         greedy = params.temperature <= 0
         # greedy decoding gives n identical responses: decode once, then repeat each row n times
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,

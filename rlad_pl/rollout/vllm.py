@@ -243,6 +243,12 @@ class VLLMSampler(Sampler):
         if tensor_parallel_size < 1:
             raise ConfigError("data.sampler.init_args.tensor_parallel_size",
                               f"expected >= 1, got {tensor_parallel_size}")
+        if max_model_len is not None and (isinstance(max_model_len, bool) or max_model_len < 1):
+            raise ConfigError("data.sampler.init_args.max_model_len", f"expected an integer >= 1 or null, got "
+                              f"{max_model_len!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError("data.sampler.init_args.gpu_memory_utilization", "expected a fraction in (0, 1], got "
+                              f"{gpu_memory_utilization}")
         self.dtype, self.max_model_len = dtype, max_model_len
         self.gpu_memory_utilization, self.tensor_parallel_size = gpu_memory_utilization, tensor_parallel_size
         self.enforce_eager, self.seed = enforce_eager, seed
@@ -444,12 +450,35 @@ class VLLMSampler(Sampler):
         kwargs.update(self.sampling_kwargs)
         return vllm.SamplingParams(**kwargs)
 
+    def engine_max_len(self) -> Optional[int]:
+        """The engine's prompt + response token limit (``max_model_len`` as vLLM resolved it)."""
+        for path in (("llm_engine", "model_config", "max_model_len"), ("llm_engine", "vllm_config", "model_config",
+                                                                        "max_model_len")):
+            obj = self.llm
+            for name in path:
+                obj = getattr(obj, name, None)
+            if isinstance(obj, int):
+                return obj
+        return self.max_model_len
+
+    def check_lengths(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:
+        """vLLM would end a response at ``max_model_len`` without saying so: a prompt + ``max_new_tokens`` that does
+        not fit is a ``ConfigError`` instead, before anything is generated."""
+        limit = self.engine_max_len()
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if limit is not None and longest + params.max_new_tokens > limit:
+            raise ConfigError("data.sampling.max_new_tokens", f"the longest prompt ({longest} tokens) + "
+                              f"max_new_tokens ({params.max_new_tokens}) = {longest + params.max_new_tokens} exceeds "
+                              f"the vLLM engine's max_model_len {limit}; lower max_new_tokens or "
+                              "data.max_prompt_length, or raise data.sampler.init_args.max_model_len")
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         if self.llm is None:
             raise RuntimeError("VLLMSampler.generate called before setup")
         if params.temperature > 2.0:
             raise ConfigError("data.sampling.temperature", f"vLLM accepts temperatures in [0, 2], got "
                                                            f"{params.temperature}")
+        self.check_lengths(prompt_ids, params)
         vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
