@@ -278,6 +278,13 @@ def resolve_model_and_tokenizer(model: str | os.PathLike, field: str, tokenizer:
     return m, t
 
 
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def resolve_path(path: str | os.PathLike, field: str) -> Path:
     """The local folder of ``path`` (a folder or a hub id, see ``resolve_source``); one-line ``ConfigError``s."""
     return resolve_source(path, field, kind="tokenizer").folder
@@ -330,7 +337,9 @@ def load_causal_lm(path: str | os.PathLike | ModelSource, field: str, dtype: str
     name, kwargs = src.from_pretrained_args()
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    except SafetensorError as e:
+    except SafetensorError as e:  # a file downloaded just now: the header check names it
+        _check_weights(ModelSource(src.spec, src.field, src.folder, src.repo_id, src.commit, offline=True),
+                       _read_json(src.folder / "model.safetensors.index.json"), src.field)
         raise ConfigError(src.field, f"a weights file of '{src.spec}' ({src.folder}) is corrupt or truncated "
                                      f"({e}); delete it to download it again") from None
     except OSError as e:

@@ -245,3 +245,42 @@ def test_teacher_cache_is_keyed_by_the_teacher_commit(hub, tmp_path):
         assert cli.model.model_tags["teacher"] == f"org/tiny@{COMMIT_A if rev == 'main' else COMMIT_B}"
         assert cli.datamodule.rollout_stats["rollout/teacher_cache_hits"] == 0.0
     assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_sharded_weights_missing_or_truncated_shard_is_named(hub, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(TINY, folder)
+    (folder / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(TINY).save_pretrained(folder, max_shard_size="40KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (folder / "model.safetensors.index.json").is_file()
+    ref, state = _state(load_causal_lm(TINY, "m")), _state(load_causal_lm(folder, "model.student"))
+    assert all(torch.equal(ref[k], state[k]) for k in ref)
+    os.truncate(shards[1], 200)
+    with pytest.raises(ConfigError, match=f"^model.student: weights file {shards[1]} is corrupt or truncated"):
+        resolve_source(folder, "model.student")
+    shards[1].unlink()
+    with pytest.raises(ConfigError, match=f"^model.student: weights file {shards[1]} is missing \\(listed in "
+                                          "model.safetensors.index.json\\)$"):
+        resolve_source(folder, "model.student")
+
+
+def test_snapshot_without_weights_offline(hub, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(TINY, partial, ignore=shutil.ignore_patterns("*.safetensors"))
+    write_snapshot(hub, "org/partial", COMMIT_A, partial, refs=("main",))
+    with pytest.raises(ConfigError, match="^model.student: model.student 'org/partial' .* has config.json but no "
+                                          r"weights \(model.safetensors"):
+        resolve_source("org/partial", "model.student")
+
+
+def test_file_broken_after_resolution_is_named_when_loading(hub, tmp_path):
+    """A weights file that goes bad between the check and the load (e.g. a download) is still named."""
+    folder = tmp_path / "late"
+    shutil.copytree(TINY, folder)
+    src = resolve_source(folder, "model.student")
+    os.truncate(folder / "model.safetensors", 500)
+    with pytest.raises(ConfigError, match=f"^model.student: weights file {folder / 'model.safetensors'} is corrupt"):
+        load_causal_lm(src, "model.student")
