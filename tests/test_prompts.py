@@ -136,3 +136,107 @@ def test_bad_settings_are_one_line_errors(chat_tok, plain_tok, tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.prompt_format\.chat_template: the chat template failed to "
                                           r"render \(only user turns\)"):
         encode_prompt(chat_tok, "1", broken)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+SYSTEM_FMT = {"system_prompt": "add.", "chat_template_kwargs": {"enable_thinking": False}}
+
+
+def chat_text(system: str, user: str) -> str:
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+            "<think>\n\n</think>\n\n")
+
+
+@pytest.mark.slow
+def test_opsd_student_and_privileged_teacher_prompts_use_the_prompt_format(tmp_path):
+    """OPSD through the CLI on a chat-template model with DatasetTask: the student's prompt and the teacher's
+    privileged prompt are both the chat template with the configured system prompt and template kwargs, exactly."""
+    import json
+
+    from conftest import CONFIGS, run_cli
+
+    out = save_chat_model(tmp_path / "chat")
+    rows = [{"q": f"{i}+{i + 1}=", "a": str(2 * i + 1), "sol": f"{i}+{i + 1}={2 * i + 1}"} for i in range(8)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"class_path": "rlad_pl.data.DatasetTask",
+            "init_args": {"path": str(data), "prompt_field": "q", "answer_field": "a", "val_fraction": 0.25,
+                          "privileged_template": "{q} reference: {sol}", "cache_dir": str(tmp_path / "cache")}}
+    cli = run_cli("fit", "--config", str(CONFIGS / "opsd_tiny.yaml"), "--trainer.max_epochs", "1",
+                  "--trainer.default_root_dir", str(tmp_path / "run"), "--export.enabled", "false",
+                  "--model.student", str(out / "model"), "--model.teacher", str(out / "model"),
+                  "--model.tokenizer", str(out / "tokenizer"), "--model.teacher_tokenizer", str(out / "tokenizer"),
+                  "--data.task", json.dumps(task),
+                  "--data.prompt_format", json.dumps(SYSTEM_FMT), "--data.prompts_per_rollout", "4")
+    dm = cli.datamodule
+    tok = dm.tokenizer
+    assert dm.prompt_format == PromptFormat(**SYSTEM_FMT)
+    assert dm.samples and dm.samples[0][0].startswith("<|im_start|>system\nadd.<|im_end|>\n<|im_start|>user\n")
+    problems = dm.task.problems("train", 2)
+    rollout = dm.make_rollout(problems, seed=1)
+    P, TP = rollout.prompt_len, rollout.teacher_prompt_len
+    for i in range(rollout.num_sequences):
+        p = problems[i // dm.group_size]
+        student = rollout.input_ids[i, :P][rollout.attention_mask[i, :P].bool()].tolist()
+        teacher = rollout.teacher_input_ids[i, :TP][rollout.teacher_attention_mask[i, :TP].bool()].tolist()
+        assert tok.decode(student, skip_special_tokens=False) == chat_text("add.", p.prompt)
+        assert student == encode_prompt(tok, p.prompt, PromptFormat(**SYSTEM_FMT))
+        assert tok.decode(teacher, skip_special_tokens=False) == chat_text("add.", f"{p.prompt} reference: "
+                                                                           f"{p.metadata['row']['sol']}")
+        assert student[:4] == [58] + ids_of(tok, "sys") and teacher[:4] == student[:4]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
+    """The ids the data module encodes (chat template + system prompt + kwargs) are what vLLM's engine processes
+    (its ``RequestOutput.prompt_token_ids``) and what HF ``generate`` gets (unpadded); greedy outputs match."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.rollout import HFSampler, SamplingParams
+    from rlad_pl.rollout.vllm import VLLMSampler
+
+    out = save_chat_model(tmp_path / "chat")
+    tok, student = load_tokenizer(out / "tokenizer"), load_causal_lm(out / "model", "model.student")
+    fmt = PromptFormat(**SYSTEM_FMT)
+    texts = ["1+2=", "12+7=", "abc", "9*9="]
+    prompt_ids = [encode_prompt(tok, t, fmt) for t in texts]
+    assert [tok.decode(ids, skip_special_tokens=False) for ids in prompt_ids] == [chat_text("add.", t) for t in texts]
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, n=1, seed=0)
+
+    hf, hf_inputs = HFSampler(), []
+    hf.setup(student, tok)
+    real_generate = student.generate
+
+    def hf_spy(input_ids, attention_mask, **kw):
+        hf_inputs.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
+        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    student.generate = hf_spy
+    hf_gen = hf.generate(prompt_ids, params)
+    del student.generate
+
+    engine = VLLMSampler(dtype="float32", max_model_len=256, seed=0,
+                         engine_kwargs={"kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8,
+                                        "max_num_batched_tokens": 512})
+    engine.setup(student, tok)
+    try:
+        engine.sync_weights(student)
+        seen, real_llm_generate = [], engine.llm.generate
+
+        def vllm_spy(prompts, *a, **kw):
+            outputs = real_llm_generate(prompts, *a, **kw)
+            seen.extend(list(o.prompt_token_ids) for o in outputs)
+            return outputs
+
+        engine.llm.generate = vllm_spy
+        vllm_gen = engine.generate(prompt_ids, params)
+    finally:
+        engine.close()
+    assert seen == prompt_ids == hf_inputs
+    assert vllm_gen.completion_ids == hf_gen.completion_ids
