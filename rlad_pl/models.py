@@ -37,9 +37,9 @@ DEFAULT_CHARS = list("0123456789+-*/=;#.,:?()<> ") + [chr(c) for c in range(ord(
 #: files fetched from the hub while resolving (small; the weights come later, with ``from_pretrained``)
 _META_FILES = {"model": ["config.json", "model.safetensors.index.json"],
                "tokenizer": ["tokenizer_config.json", "tokenizer.json", "config.json"]}
-#: JSON files that ``from_pretrained`` parses; each is checked so that a broken one is named
-_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
-               "special_tokens_map.json", "model.safetensors.index.json")
+#: JSON files that ``from_pretrained`` parses; each present one is checked so that a broken one is named
+_JSON_FILES = {"model": ("config.json", "generation_config.json", "model.safetensors.index.json"),
+               "tokenizer": ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "config.json")}
 
 Kind = Literal["model", "tokenizer"]
 
@@ -207,7 +207,7 @@ def _check_folder(src: ModelSource) -> None:
         has = sorted(p.name for p in src.folder.iterdir())[:6] if src.folder.is_dir() else []
         raise ConfigError(src.field, f"{where} has no {what}; it holds {has or 'nothing'}")
     parsed = {}
-    for name in _JSON_FILES:
+    for name in _JSON_FILES[src.kind]:
         path = src.folder / name
         if path.is_file():
             try:
@@ -230,8 +230,9 @@ def _check_model_type(src: ModelSource, config: dict, where: str) -> None:
                                      f"'{model_type}' and an auto_map); set model.trust_remote_code: true if you "
                                      "trust that code")
     if not auto_map:
-        raise ConfigError(src.field, f"{src.folder / 'config.json'} has model_type {model_type!r}, which "
-                                     f"transformers {__version__} does not know")
+        what = f"model_type {model_type!r}, which transformers {__version__} does not know" if model_type else \
+            "no model_type (not a transformers model config?)"
+        raise ConfigError(src.field, f"{src.folder / 'config.json'} has {what}")
 
 
 def _check_weights(src: ModelSource, index: Optional[dict], where: str) -> None:

@@ -202,6 +202,9 @@ def test_remote_code_off_unless_asked(hub, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_arch"}))
     with pytest.raises(ConfigError, match="has model_type 'no_such_arch', which transformers .* does not know$"):
         resolve_source(folder, "model.student", trust_remote_code=True)
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 32}))
+    with pytest.raises(ConfigError, match=r"config.json has no model_type \(not a transformers model config\?\)$"):
+        resolve_source(folder, "model.student")
 
 
 @pytest.mark.parametrize("trust", [False, True])
