@@ -1,7 +1,10 @@
 """Lightning callbacks: Hugging Face export of the student.
 
 ``HFExport`` writes ``save_pretrained`` of the student model and its tokenizer when ``fit`` ends, so the result is
-loadable with ``AutoModelForCausalLM.from_pretrained(dir)`` (and by vLLM) without any rlad_pl code.
+loadable with ``AutoModelForCausalLM.from_pretrained(dir)`` (and by vLLM) without any rlad_pl code. The folder is
+checked for writability in ``setup`` (before any compute); the export comes after the run's last checkpoint, so a
+failing export loses no training; resuming a finished run (``--ckpt_path`` of its final checkpoint) writes it too;
+on Ctrl-C ``RolloutCheckpoint`` calls ``export`` after its checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Optional
 
 import lightning as L
 
+from rlad_pl.checkpointing import check_writable
 from rlad_pl.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
 
 
@@ -35,7 +39,29 @@ class HFExport(L.Callback):
         base = trainer.log_dir or trainer.default_root_dir
         return Path(base) / "hf_export"
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self._exported = False
+        if stage == "fit" and self.enabled and trainer.is_global_zero:
+            check_writable(self.resolve_dir(trainer), "export.dirpath")
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # fit ends without on_train_end when the restored checkpoint is already at max_epochs (a finished run)
+        if not getattr(self, "_exported", False):
+            self.export(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        # Ctrl-C: export here only when no RolloutCheckpoint does it (after its checkpoint)
+        from rlad_pl.checkpointing import RolloutCheckpoint
+
+        if isinstance(exception, KeyboardInterrupt) and not any(
+                isinstance(cb, RolloutCheckpoint) and cb.save_on_interrupt for cb in trainer.callbacks):
+            self.export(trainer, pl_module)
+
+    def export(self, trainer: L.Trainer, pl_module) -> None:
+        """Write ``save_pretrained`` of the student and its tokenizer (a collective under sharding)."""
         if not self.enabled:
             return
         out = self.resolve_dir(trainer)
@@ -46,5 +72,6 @@ class HFExport(L.Callback):
             pl_module.student.save_pretrained(out, state_dict=state, safe_serialization=self.safe_serialization)
             pl_module.tokenizer.save_pretrained(out)
             self.last_path = out
+        self._exported = True
         trainer.strategy.barrier("hf_export")
 

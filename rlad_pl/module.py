@@ -9,6 +9,7 @@ averaging of DDP / FSDP. The result does not depend on how a step is split into 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import defaultdict
 from typing import Optional
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch, StepBatch
+from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.errors import ConfigError, warn_once
 from rlad_pl.validation import check_choice, check_float, check_int
@@ -69,6 +71,9 @@ class DistillationModule(L.LightningModule):
         fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2), compute in this dtype (``bf16``, ``fp16``)
             with fp32 gradient reduction and fp32 sharded master weights (FSDP2 ``MixedPrecisionPolicy``; GPU). None:
             compute in the parameters' dtype.
+        max_consecutive_skipped_steps: a step whose loss (any micro-batch) or gradient is non-finite is skipped:
+            parameters, optimizer state and LR schedule stay bit-identical (counted in ``nonfinite/steps_skipped``,
+            one warning line the first time); after this many consecutive skipped steps the run stops with one line.
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -80,10 +85,17 @@ class DistillationModule(L.LightningModule):
                  log_entropy: bool = True, log_sampler_mismatch: bool = True,
                  fsdp_mixed_precision: Optional[str] = None, student_revision: Optional[str] = None,
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, trust_remote_code: bool = False):
+                 cache_dir: Optional[str] = None, trust_remote_code: bool = False,
+                 max_consecutive_skipped_steps: int = 5):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
+        if isinstance(max_consecutive_skipped_steps, bool) or not isinstance(max_consecutive_skipped_steps, int) \
+                or max_consecutive_skipped_steps < 1:
+            raise ConfigError("model.max_consecutive_skipped_steps",
+                              f"expected an integer >= 1, got {max_consecutive_skipped_steps!r}")
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.consecutive_skipped_steps = 0
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
         if isinstance(objectives, Objective):
             objectives = [objectives]
@@ -195,6 +207,24 @@ class DistillationModule(L.LightningModule):
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith(("teacher.", "reference."))]:
             del sd[k]
+        # training state outside the weights: counters, the skipped-step streak, objectives' own state (ReNIO's EMA)
+        checkpoint["rlad_pl"] = {"counters": dict(self.counters),
+                                 "consecutive_skipped_steps": self.consecutive_skipped_steps,
+                                 "objectives": [o.state_dict() for o in self.objectives]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rlad_pl")
+        if state is None:
+            return
+        self.counters.clear()
+        self.counters.update(state.get("counters", {}))
+        self.consecutive_skipped_steps = int(state.get("consecutive_skipped_steps", 0))
+        saved = state.get("objectives", [])
+        if len(saved) != len(self.objectives):
+            raise ConfigError("ckpt_path", f"the checkpoint holds the state of {len(saved)} objectives, the config "
+                              f"has {len(self.objectives)}")
+        for obj, obj_state in zip(self.objectives, saved):
+            obj.load_state_dict(obj_state)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -332,10 +362,12 @@ class DistillationModule(L.LightningModule):
         scale = float(self.trainer.world_size)
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, list[Tensor]] = defaultdict(list)
+        bad_micro_batches = 0
         for mb in step.micro_batches:
             loss, metrics, logp = self.compute_loss(mb, denom)
             if not torch.isfinite(loss):
                 self.counters["nonfinite/loss"] += 1
+                bad_micro_batches += 1
                 loss = (logp * 0.0).sum()  # keep every rank in the backward collective, contribute nothing
             self.manual_backward(loss * scale)
             loss_sum += loss.detach()
@@ -344,14 +376,19 @@ class DistillationModule(L.LightningModule):
         params = [p for p in self.student.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if torch.isfinite(grad_norm):
-            opt.step()
+        bad = torch.tensor(float(bad_micro_batches), device=self.device)
+        if self.trainer.world_size > 1:  # every rank takes the same decision
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad == 0) and bool(torch.isfinite(grad_norm)):
+            with defer_sigint():  # Ctrl-C never lands between the parameter and optimizer-state updates
+                opt.step()
+                sched = self.lr_schedulers()
+                if sched is not None:
+                    sched.step()
+            self.consecutive_skipped_steps = 0
         else:
-            self.counters["nonfinite/grad_steps_skipped"] += 1
+            self._skip_step(int(bad), len(step.micro_batches), bool(torch.isfinite(grad_norm)))
             opt.zero_grad(set_to_none=True)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
         # a micro-batch loss is a partial sum over step-wide denominators: the step's loss is their sum
         logs = {k: torch.stack(v).sum() if k.endswith("/loss") else torch.stack(v).mean() for k, v in sums.items()}
         logs.update({"train/loss": loss_sum, "train/grad_norm": grad_norm.detach().float(),
@@ -369,6 +406,23 @@ class DistillationModule(L.LightningModule):
                  prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1) \
             if batch_idx == 0 and "rollout/reward_mean" in logs else None
         return loss_sum
+
+    def _skip_step(self, bad_micro_batches: int, micro_batches: int, grad_finite: bool) -> None:
+        """A non-finite step: no optimizer / scheduler step (parameters and optimizer state untouched), counted;
+        one warning line the first time; a ``ConfigError`` line after ``max_consecutive_skipped_steps`` in a row."""
+        self.counters["nonfinite/steps_skipped"] += 1
+        self.consecutive_skipped_steps += 1
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        why = (f"non-finite loss in {bad_micro_batches} micro-batch(es) of {micro_batches}"
+               if bad_micro_batches else "non-finite gradient norm")
+        if self.consecutive_skipped_steps >= self.max_consecutive_skipped_steps:
+            raise ConfigError("model.max_consecutive_skipped_steps",
+                              f"{self.consecutive_skipped_steps} optimizer steps in a row were skipped ({why}, "
+                              f"epoch {epoch}); stopping. The weights are those of the last finite step; check the "
+                              "learning rate, objectives and rewards")
+        if self.counters["nonfinite/steps_skipped"] == 1 and self.global_rank == 0:
+            print(f"rlad_pl: warning: skipped an optimizer step ({why}, epoch {epoch}): parameters and optimizer "
+                  "state unchanged; counted in nonfinite/steps_skipped", file=sys.stderr)
 
     def _log_samples(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger

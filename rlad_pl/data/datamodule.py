@@ -340,6 +340,14 @@ class RolloutDataModule(L.LightningDataModule):
         return steps
 
     def train_dataloader(self) -> DataLoader:
+        """The optimizer steps of this epoch's rollout batch, built on first access (``LazySteps``): Lightning also
+        asks for a loader before restoring a checkpoint's epoch counter and then replaces it unused, so nothing is
+        sampled or scored for it."""
+        return DataLoader(LazySteps(self.build_steps, self.updates_per_rollout), batch_size=None, shuffle=False,
+                          collate_fn=_identity)
+
+    def build_steps(self) -> list[StepBatch]:
+        """Sample, score and annotate the rollout batch of the trainer's current epoch; split it into steps."""
         trainer = self.trainer
         rank, world, epoch = trainer.global_rank, trainer.world_size, trainer.current_epoch
         offset = (epoch * world + rank) * self.prompts_per_rollout
@@ -349,7 +357,16 @@ class RolloutDataModule(L.LightningDataModule):
         t0 = time.perf_counter()
         self.rollout_stats.update(self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1))
         self.rollout_stats["timing/annotate"] = time.perf_counter() - t0
-        return DataLoader(self.make_steps(rollout, seed), batch_size=None, shuffle=False, collate_fn=_identity)
+        return self.make_steps(rollout, seed)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints. The position in the task is the trainer's epoch; this adds the random generators
+        (rollout seeds are derived from ``seed`` and the epoch, but other code may draw from the global ones)."""
+        return {"seed": self.seed, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
     def teardown(self, stage: str) -> None:
         """Release engines that hold resources (a vLLM engine) at the end of a stage."""
@@ -392,6 +409,51 @@ class RolloutDataModule(L.LightningDataModule):
         truncated = torch.tensor([not f for f in gen.finished])
         return EvalResult(scores.view(-1, k), lengths.view(-1, k), truncated.view(-1, k),
                           [p.difficulty for p in problems])
+
+
+class LazySteps(torch.utils.data.Dataset):
+    """``n`` optimizer steps whose list ``build()`` makes on the first ``__getitem__`` (``len`` needs no build)."""
+
+    def __init__(self, build: Callable[[], list[StepBatch]], n: int):
+        self.build, self.n, self.steps = build, n, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> StepBatch:
+        if self.steps is None:
+            self.steps = self.build()
+            if len(self.steps) != self.n:
+                raise RuntimeError(f"built {len(self.steps)} optimizer steps, expected {self.n}")
+        return self.steps[i]
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA, when initialised) random generator states."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    # plain Python / torch values only: Lightning loads checkpoints with torch.load(weights_only=True)
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pad_rows_float(rows: list[list[float]], length: int) -> torch.Tensor:

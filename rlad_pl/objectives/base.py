@@ -149,6 +149,13 @@ class Objective:
     def aggregate(self, values: Tensor, mask: Tensor, denom: Denominators) -> Tensor:
         return aggregate(values, mask, self.loss_agg or "token_mean", denom)
 
+    def state_dict(self) -> dict:
+        """State that changes during training (saved in checkpoints, restored on resume); stateless: ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, loss_agg={self.loss_agg})"
 

@@ -150,6 +150,16 @@ class ReNIO(Objective):
             return self._ema_mean
         return mean
 
+    def state_dict(self) -> dict:
+        """The ``ema`` normaliser (None before the first micro-batch) and the inner objective's state."""
+        ema = None if self._ema_mean is None else self._ema_mean.detach().cpu().clone()
+        return {"ema_mean": ema, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        ema = state.get("ema_mean")
+        self._ema_mean = None if ema is None else torch.as_tensor(ema)
+        self.inner.load_state_dict(state.get("inner", {}))
+
     def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
         values, inner_metrics = self.inner.per_token(batch, out)
         per_sample = per_sample_token_mean(values, batch.response_mask)
