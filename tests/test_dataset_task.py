@@ -213,6 +213,30 @@ def test_custom_verifier_sees_the_row(tmp_path, cache):
     assert task.verify("xzz", p) == 0.25 and task.verify("xz", p) == 0.0
 
 
+def test_dataset_config_prints(capsys, monkeypatch):
+    """configs/grpo_tiny_dataset.yaml parses, and --print_config shows the task and prompt-format settings."""
+    import yaml
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exc:
+        run_cli("fit", "--config", str(CONFIGS / "grpo_tiny_dataset.yaml"), "--print_config")
+    assert exc.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    task, fmt = cfg["data"]["task"], cfg["data"]["prompt_format"]
+    assert task["class_path"] == "rlad_pl.data.DatasetTask"
+    assert {k: task["init_args"][k] for k in ("path", "prompt_field", "difficulty_field", "val_fraction")} == {
+        "path": "configs/data/tiny_sums.jsonl", "prompt_field": "question", "difficulty_field": "level",
+        "val_fraction": 0.25}
+    assert fmt["mode"] == "chat" and fmt["system_prompt"] == "add the numbers."
+    assert fmt["chat_template_kwargs"] == {"enable_thinking": False} and fmt["chat_template"].startswith("{% for m")
+    # the shipped file: 60 rows sorted by level, 20 per level; 25% held out = 5 per level
+    from rlad_pl.data import DatasetTask as T
+
+    t = T(**{k: v for k, v in task["init_args"].items() if v is not None})
+    assert Counter(p.difficulty for p in t.problems("val", 15)) == {"terms=2": 5, "terms=3": 5, "terms=4": 5}
+    assert len(t.rows("train")) == 45
+
+
 @pytest.mark.slow
 def test_config_runs_with_a_custom_verifier_by_class_path(tmp_path, monkeypatch):
     """configs/grpo_tiny_dataset.yaml end to end, the verifier named by class_path: every reward is its score."""
