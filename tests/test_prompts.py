@@ -240,3 +240,17 @@ def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
         engine.close()
     assert seen == prompt_ids == hf_inputs
     assert vllm_gen.completion_ids == hf_gen.completion_ids
+
+
+def test_cli_refuses_a_system_prompt_without_a_template(capsys):
+    """The shipped tiny student has no chat template: a system prompt is a one-line error before any rollout."""
+    from conftest import CONFIGS, run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli("fit", "--config", str(CONFIGS / "grpo_tiny.yaml"), "--trainer.max_epochs", "1",
+                "--data.prompt_format.system_prompt", "be brief", "--export.enabled", "false",
+                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("rlad_pl: error: data.prompt_format.system_prompt: needs a chat template, but the tokenizer "
+                       "has none (set data.prompt_format.chat_template, or drop the setting)")

@@ -154,6 +154,11 @@ class RolloutDataModule(L.LightningDataModule):
     def encode_prompt(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text, self.prompt_format)
 
+    def setup(self, stage: str) -> None:
+        """Check ``prompt_format`` against the tokenizer before any compute: a chat setting with no template to
+        apply, or a template that fails to render, is a one-line error here rather than at the first rollout."""
+        self.encode_prompt("1+1=")
+
     def prompt_text(self, ids: list[int]) -> str:
         """A prompt as the model sees it (template and special tokens included), for logs."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
