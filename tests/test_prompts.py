@@ -254,3 +254,25 @@ def test_cli_refuses_a_system_prompt_without_a_template(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("rlad_pl: error: data.prompt_format.system_prompt: needs a chat template, but the tokenizer "
                        "has none (set data.prompt_format.chat_template, or drop the setting)")
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_template_injects_its_default_system_prompt():
+    """A real chat template (SmolLM2-135M-Instruct, tools/build_real_model.py): without a system prompt the template
+    inserts its own, ``system_prompt: ""`` empties it, a set one replaces it; the ids are the text's tokens."""
+    from rlad_pl.models import load_tokenizer
+    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+
+    try:
+        tok = load_tokenizer(build_real_model(log=None))
+    except RealModelUnavailable as e:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be built: {e}")
+    user = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    default = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert render_prompt(tok, "What is 2+3?") == default + user
+    assert render_prompt(tok, "What is 2+3?", PromptFormat(system_prompt="")) == \
+        "<|im_start|>system\n<|im_end|>\n" + user
+    ids = encode_prompt(tok, "What is 2+3?", PromptFormat(system_prompt="Be brief."))
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>system\nBe brief.<|im_end|>\n" + user
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(ids[0]) == 3
