@@ -165,6 +165,11 @@ class RolloutCheckpoint(ModelCheckpoint):
             check_writable(self.dirpath, "checkpoint.dirpath")
 
     # ------------------------------------------------------------------------------------- when to save
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resumed run starts from a saved state: nothing new to write until a step is taken
+        self._last_global_step_saved = trainer.global_step
+        self._saved_epochs = self._finished_epochs(trainer)
+
     @staticmethod
     def _finished_epochs(trainer: L.Trainer) -> int:
         return trainer.fit_loop.epoch_progress.current.processed
