@@ -276,6 +276,14 @@ def test_unreadable_files_are_named(tmp_path, cache):
     csv.write_bytes(b"prompt,answer\ncaf\xe9,1\n")
     with pytest.raises(ConfigError, match=r"^data\.task\.path: .*latin1\.csv:2: not valid UTF-8"):
         DatasetTask(str(csv), cache_dir=cache)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    latin1 = pa.array([b"caf\xe9", b"ok"], type=pa.binary()).view(pa.string())  # as some exporters write
+    pq.write_table(pa.table({"prompt": latin1, "answer": pa.array(["1", "2"])}), tmp_path / "latin1.parquet")
+    with pytest.raises(ConfigError, match=r"^data\.task\.path: '.*latin1\.parquet' split 'train' column 'prompt' "
+                                          r"holds invalid data \(ArrowInvalid: .*Invalid UTF8"):
+        DatasetTask(str(tmp_path / "latin1.parquet"), val_fraction=0.5, cache_dir=cache)
     fake = tmp_path / "fake.parquet"
     fake.write_text('{"prompt": "1", "answer": "1"}\n')
     with pytest.raises(ConfigError, match=r"^data\.task\.path: cannot read '.*fake\.parquet' \(ArrowInvalid: "):

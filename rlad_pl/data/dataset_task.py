@@ -167,7 +167,6 @@ class DatasetTask(Task):
         self._load_args = dict(data_files=data_files, revision=revision, cache_dir=cache_dir, **(load_kwargs or {}))
 
         train = self._split(split, "split")
-        self._check_columns(train)
         rng = random.Random(seed)
         labels = self._labels(train)
         n = len(labels)
@@ -284,17 +283,21 @@ class DatasetTask(Task):
             raise ConfigError(f"{f}.path", f"cannot read '{self.path}' ({_reason(e)})") from None
 
     def _split(self, split: str, key: str):
+        """One split, checked: not empty, every mapped column present, their values valid (UTF-8 strings)."""
         ds = self._load(split, key)
         if len(ds) == 0:
             raise ConfigError(f"{self.field}.{key}", f"split '{split}' of '{self.path}' holds no rows")
-        try:  # invalid UTF-8 inside parquet / arrow strings would otherwise fail on first access
-            ds.data.table.validate(full=True)
-        except Exception as e:
-            raise ConfigError(f"{self.field}.path", f"'{self.path}' split '{split}' holds invalid data "
-                              f"({_reason(e)})") from None
+        used = self._check_columns(ds)
+        for col in used:  # invalid UTF-8 inside parquet / arrow strings would otherwise fail on first access
+            try:
+                ds.data.table.column(col).validate(full=True)
+            except Exception as e:
+                raise ConfigError(f"{self.field}.path", f"'{self.path}' split '{split}' column '{col}' holds "
+                                  f"invalid data ({_reason(e)}); re-encode it as UTF-8") from None
         return ds
 
-    def _check_columns(self, ds) -> None:
+    def _check_columns(self, ds) -> list[str]:
+        """The columns the field mapping reads (each must exist: else an error listing the available ones)."""
         cols = list(ds.column_names)
         listing = f"(columns: {', '.join(cols)})"
         needed = [("prompt_template", t) for t in template_fields(self.prompt_template, f"{self.field}.prompt_template")] \
@@ -310,6 +313,7 @@ class DatasetTask(Task):
             if col not in cols:
                 what = "field" if key.endswith("template") else "column"
                 raise ConfigError(f"{self.field}.{key}", f"no {what} '{col}' in '{self.path}' {listing}")
+        return sorted({col for _, col in needed})
 
     # ----------------------------------------------------------------------------------------- splits
     def _labels(self, ds) -> list[Optional[str]]:
@@ -334,7 +338,6 @@ class DatasetTask(Task):
 
     def _eval_split(self, split: str, key: str, rng: random.Random) -> tuple[Any, list[int]]:
         ds = self._split(split, key)
-        self._check_columns(ds)
         return ds, interleave([self._order(b) for b in self._buckets(self._labels(ds), rng)])
 
     # ----------------------------------------------------------------------------------------- problems
