@@ -184,7 +184,8 @@ def test_largest_remainder_and_interleave():
 # ----------------------------------------------------------------------------------------------- verifiers
 def test_math_verifier_on_gsm8k_and_math_references():
     v = MathVerifier()
-    gsm = Problem(prompt="q", answer="Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18")
+    gsm = Problem(prompt="q", answer="Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n"
+                                     "She makes 9 * 2 = $<<9*2=18>>18.\n#### 18")
     assert [v(c, gsm) for c in ("#### 18", "She makes $18.\n#### 18", "#### 18.0", "#### 17",
                                  "\\boxed{18}", "")] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     math = Problem(prompt="q", answer="So the answer is $\\boxed{\\frac{\\sqrt{3}}{2}}$.")

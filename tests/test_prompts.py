@@ -98,7 +98,8 @@ def test_chat_template_kwargs_reach_the_template(chat_tok):
 
 
 def test_template_override_by_string_and_by_file(chat_tok, plain_tok, tmp_path):
-    simple = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    simple = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }};{% endfor %}"
+              "{% if add_generation_prompt %}:{% endif %}")
     fmt = PromptFormat(chat_template=simple, system_prompt="s")
     assert render_prompt(chat_tok, "1+2", fmt) == "<system>s;<user>1+2;:"  # replaces the tokenizer's template
     assert render_prompt(plain_tok, "1+2", fmt) == "<system>s;<user>1+2;:"  # gives one to a tokenizer without

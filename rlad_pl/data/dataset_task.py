@@ -300,8 +300,11 @@ class DatasetTask(Task):
         """The columns the field mapping reads (each must exist: else an error listing the available ones)."""
         cols = list(ds.column_names)
         listing = f"(columns: {', '.join(cols)})"
-        needed = [("prompt_template", t) for t in template_fields(self.prompt_template, f"{self.field}.prompt_template")] \
-            if self.prompt_template is not None else [("prompt_field", self.prompt_field)]
+        if self.prompt_template is not None:
+            needed = [("prompt_template", t)
+                      for t in template_fields(self.prompt_template, f"{self.field}.prompt_template")]
+        else:
+            needed = [("prompt_field", self.prompt_field)]
         needed.append(("answer_field", self.answer_field))
         for key in ("difficulty_field", "solution_field", "privileged_field"):
             if getattr(self, key) is not None:
