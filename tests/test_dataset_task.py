@@ -325,6 +325,10 @@ def test_empty_splits_and_bad_fractions(tmp_path, cache):
     with pytest.raises(ConfigError, match=r"^data\.task\.val_fraction: set either val_split \('test'\) or "
                                           r"val_fraction"):
         DatasetTask(str(f), val_split="test", val_fraction=0.1, cache_dir=cache)
+    with pytest.raises(ConfigError, match=r"^data\.task\.test_split: 'train' is the training split \(evaluation "
+                                          r"rows would be trained on\); name another split or hold rows out with "
+                                          r"test_fraction$"):
+        DatasetTask(str(f), test_split="train", cache_dir=cache)
     with pytest.raises(ConfigError, match=r"^data\.task\.val_fraction: validation needs rows"):
         DatasetTask(str(f), val_fraction=0.0, cache_dir=cache)
     with pytest.raises(ConfigError, match=r"^data\.task\.split: no split 'dev' in '.*two\.jsonl'"):

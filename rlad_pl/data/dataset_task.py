@@ -146,6 +146,10 @@ class DatasetTask(Task):
             raise ConfigError(f"{f}.val_fraction", f"set either val_split ('{val_split}') or val_fraction, not both")
         if test_split is not None and test_fraction:
             raise ConfigError(f"{f}.test_fraction", f"set either test_split ('{test_split}') or test_fraction")
+        for key, name_ in (("val_split", val_split), ("test_split", test_split)):
+            if name_ == split:
+                raise ConfigError(f"{f}.{key}", f"'{name_}' is the training split (evaluation rows would be trained "
+                                  f"on); name another split or hold rows out with {key[:-6]}_fraction")
         val_fraction = 0.1 if val_split is None and val_fraction is None else (val_fraction or 0.0)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
