@@ -272,10 +272,10 @@ def resolve_model_and_tokenizer(model: str | os.PathLike, field: str, tokenizer:
     """Resolve a model and its tokenizer. Without a tokenizer of its own (None, or the model's own name and no
     ``tokenizer_revision``) the tokenizer comes from the model's resolved snapshot, so both are one commit."""
     m = resolve_source(model, field, "model", revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    if tokenizer is None or (str(tokenizer) == str(model) and tokenizer_revision is None):
+    if tokenizer_revision is None and (tokenizer is None or str(tokenizer) == str(model)):
         return m, resolve_source(m.tag, field, "tokenizer", cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    t = resolve_source(tokenizer, tokenizer_field or f"{field}_tokenizer", "tokenizer", tokenizer_revision,
-                       cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    t = resolve_source(model if tokenizer is None else tokenizer, tokenizer_field or f"{field}_tokenizer",
+                       "tokenizer", tokenizer_revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     return m, t
 
 

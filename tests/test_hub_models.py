@@ -120,6 +120,18 @@ def test_module_revision_args_and_default_tokenizer_from_the_same_snapshot(hub):
     assert m.hparams.student_revision == "v2" and m.hparams.trust_remote_code is False
 
 
+@pytest.mark.parametrize("tokenizer, student_rev, tokenizer_rev, commits", [
+    (None, None, None, (COMMIT_A, COMMIT_A)), (None, "v2", None, (COMMIT_B, COMMIT_B)),
+    ("org/tiny", "v2", None, (COMMIT_B, COMMIT_B)), (None, None, "v2", (COMMIT_A, COMMIT_B)),
+    ("org/tiny@v2", None, None, (COMMIT_A, COMMIT_B))])
+def test_tokenizer_snapshot(hub, tokenizer, student_rev, tokenizer_rev, commits):
+    from rlad_pl.models import resolve_model_and_tokenizer
+
+    m, t = resolve_model_and_tokenizer("org/tiny", "model.student", tokenizer, "model.tokenizer", student_rev,
+                                       tokenizer_rev)
+    assert (m.commit, t.commit) == commits and (m.kind, t.kind) == ("model", "tokenizer")
+
+
 def test_revision_errors(hub, tmp_path):
     with pytest.raises(ConfigError, match=r"^model.student_revision: revision 'v3' of 'org/tiny' is not in the "
                                           r"local cache .* \(cached: main, v2, .*\) and offline \(HF_HUB_OFFLINE=1\)$"):
