@@ -16,6 +16,7 @@ from typing import Optional
 import lightning as L
 
 from rlad_pl.checkpointing import check_writable
+from rlad_pl.errors import ConfigError
 from rlad_pl.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
 
 
@@ -45,6 +46,11 @@ class HFExport(L.Callback):
             check_writable(self.resolve_dir(trainer), "export.dirpath")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        from rlad_pl.checkpointing import RolloutCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:  # checkpoint first: a failing export must not lose training
+            if isinstance(cb, RolloutCheckpoint):
+                cb.on_train_end(trainer, pl_module)
         self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -67,11 +73,20 @@ class HFExport(L.Callback):
         out = self.resolve_dir(trainer)
         # a collective under sharding: every rank gathers bucket by bucket; only rank 0 keeps (and writes) the result
         state = full_state_dict(pl_module.student, rank0_only=True)
+        self._exported = True  # tried: a failure below is reported once, not retried at on_fit_end
+        error = None
         if trainer.is_global_zero:
-            os.makedirs(out, exist_ok=True)
-            pl_module.student.save_pretrained(out, state_dict=state, safe_serialization=self.safe_serialization)
-            pl_module.tokenizer.save_pretrained(out)
-            self.last_path = out
-        self._exported = True
+            try:
+                os.makedirs(out, exist_ok=True)
+                pl_module.student.save_pretrained(out, state_dict=state, safe_serialization=self.safe_serialization)
+                pl_module.tokenizer.save_pretrained(out)
+            except OSError as e:
+                saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+                kept = f"; the training state is in {saved[0]}" if saved else ""
+                error = ConfigError("export.dirpath", f"cannot write the export to {out}: {e.strerror or e}{kept}")
+            else:
+                self.last_path = out
         trainer.strategy.barrier("hf_export")
+        if error is not None:
+            raise error
 

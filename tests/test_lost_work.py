@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,6 +54,18 @@ class PoisonAdamW(torch.optim.AdamW):
         if self.steps == self.poison_at:
             self.param_groups[0]["params"][0].fill_(float("nan"))
         return out
+
+
+class BlockFolder(L.Callback):
+    """Puts a file at ``path`` at the end of the first epoch: a folder that was fine at startup can no longer be
+    created (as a disk that fills up or a mount that goes away would do)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            Path(self.path).write_text("in the way")
 
 
 def _ckpts(root: Path) -> dict[str, dict]:
@@ -107,6 +120,18 @@ def test_unwritable_checkpoint_folder_fails_before_compute(tmp_path, capsys):
     assert err[-1].startswith("rlad_pl: error: checkpoint.dirpath: cannot create folder"), err
     logs = list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert not logs or scalars(tmp_path / "run", "rollout/reward_mean") == []  # no rollout, no training
+
+
+def test_failing_export_loses_no_training(tmp_path, capsys):
+    export = tmp_path / "export"
+    with pytest.raises(SystemExit) as e:
+        _fit(tmp_path / "run", "--trainer.max_epochs", "3", "--export.dirpath", str(export),
+             "--trainer.callbacks+=test_lost_work.BlockFolder", f"--trainer.callbacks.path={export}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rlad_pl: error: export.dirpath: cannot write the export to {export}"), err
+    assert "the training state is in" in err[-1] and err[-1].endswith("last.ckpt")
+    assert _ckpts(tmp_path / "run")["last.ckpt"]["global_step"] == 3  # every epoch is in the checkpoint
 
 
 # ------------------------------------------------------------------------------------------- disk full
