@@ -156,15 +156,16 @@ class TensorBoardOverview(L.Callback):
             lg._default_hp_metric = False
         self.written_layout, self.final_val, self.tags = None, None, set()
 
-    def _write_layout(self, trainer: L.Trainer, pl_module) -> None:
-        """(Re)write the layout when the tags seen so far give a different one than the last written."""
+    def _write_layout(self, trainer: L.Trainer, pl_module, predict_eval: bool = True) -> None:
+        """(Re)write the layout when the tags seen so far give a different one than the last written.
+        ``predict_eval``: add the validation tags the module will log (before the first validation has run)."""
         from rlad_pl.eval_callbacks import ValidateAtStart
 
         tags = set(self.tags)
         for cb in trainer.callbacks:  # ValidateAtStart logs straight to the loggers
             if isinstance(cb, ValidateAtStart):
                 tags |= set(cb.metrics)
-        if self._validates(trainer):
+        if predict_eval and self._validates(trainer):
             tags |= set(expected_eval_tags(pl_module))
         layout = overview_layout(tags)
         if layout != self.written_layout:
@@ -197,7 +198,8 @@ class TensorBoardOverview(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.layout and trainer.is_global_zero and self.written_layout is not None:
-            self._write_layout(trainer, pl_module)  # tags that first appeared after step 1 (e.g. sync/*)
+            # tags that first appeared after step 1 (e.g. sync/*); validation charts only if validation ran
+            self._write_layout(trainer, pl_module, predict_eval=False)
         if not self.hp_metric:
             return
         value = self.final_val

@@ -110,13 +110,25 @@ def test_flat_params_lists_by_index_and_drops_none():
 
 
 # ------------------------------------------------------------------------------------------ real CLI runs
-@pytest.fixture(scope="module", params=list(OBJECTIVES))
-def demo_run(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"tb_{request.param}")
-    extra = ["--model.objectives", OBJECTIVES[request.param]] if OBJECTIVES[request.param] else []
-    run_cli("fit", "--config", DEMO, *SMALL_DEMO, *extra, "--trainer.default_root_dir", str(root))
-    (log_dir,) = glob.glob(str(root / "lightning_logs" / "version_*"))
-    return request.param, log_dir
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """``method -> log dir`` of small demo runs through the CLI, each run once per module on first use."""
+    done: dict[str, str] = {}
+
+    def get(method: str) -> str:
+        if method not in done:
+            root = tmp_path_factory.mktemp(f"tb_{method}")
+            extra = ["--model.objectives", OBJECTIVES[method]] if OBJECTIVES[method] else []
+            run_cli("fit", "--config", DEMO, *SMALL_DEMO, *extra, "--trainer.default_root_dir", str(root))
+            (done[method],) = glob.glob(str(root / "lightning_logs" / "version_*"))
+        return done[method]
+
+    return get
+
+
+@pytest.fixture(params=list(OBJECTIVES))
+def demo_run(request, demo_runs):
+    return request.param, demo_runs(request.param)
 
 
 def test_layout_matches_the_logged_tags(demo_run):
@@ -163,12 +175,10 @@ def test_hp_metric_is_the_final_validation_mean_at_k(demo_run):
     assert "model/objectives/0/class_path" not in (Path(log_dir) / "hparams.yaml").read_text()
 
 
-def test_tensorboard_plugin_serves_the_layout_and_data_for_every_chart(demo_run):
+def test_tensorboard_plugin_serves_the_layout_and_data_for_every_chart(demo_runs):
     from render_tensorboard import get_json, tensorboard_server
 
-    method, log_dir = demo_run
-    if method != "TRRD":
-        pytest.skip("one server round trip is enough")
+    log_dir = demo_runs("TRRD")
     with tensorboard_server(Path(log_dir).parent) as url:
         layout = get_json(url + "/data/plugin/custom_scalars/layout")
         run = Path(log_dir).name
@@ -184,26 +194,28 @@ def test_tensorboard_plugin_serves_the_layout_and_data_for_every_chart(demo_run)
                     assert res["regex_valid"] and res["tag_to_events"], (chart["title"], rx)
 
 
-def test_no_validation_means_no_hp_metric_and_no_validation_charts(tmp_path):
-    run_cli("fit", "--config", str(CONFIGS / "trrd_tiny.yaml"), "--trainer.max_epochs", "1",
-            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path),
-            "--export.enabled", "false", "--trainer.enable_checkpointing", "false")
+@pytest.mark.parametrize("no_val", [["--trainer.limit_val_batches", "0"], []],
+                         ids=["val_disabled", "val_never_reached"])  # trrd_tiny validates every 10 epochs
+def test_no_validation_means_no_hp_metric_and_no_validation_charts(tmp_path, no_val):
+    run_cli("fit", "--config", str(CONFIGS / "trrd_tiny.yaml"), "--trainer.max_epochs", "1", *no_val,
+            "--trainer.default_root_dir", str(tmp_path), "--export.enabled", "false",
+            "--trainer.enable_checkpointing", "false")
     tags = scalar_tags(tmp_path)
-    assert "hp_metric" not in tags and "rollout/reward_mean" in tags
-    (layout,) = written_layouts(tmp_path)
-    assert not any(rx.startswith("val/") for rxs in chart_regexes(layout).values() for rx in rxs)
+    assert "hp_metric" not in tags and "rollout/reward_mean" in tags and not any(t.startswith("val/") for t in tags)
+    layouts = written_layouts(tmp_path)
+    val_charts = [any(rx.startswith("val/") for rxs in chart_regexes(lay).values() for rx in rxs) for lay in layouts]
+    # enabled validation: its charts are there from the first step, and dropped at the end if it never ran
+    assert val_charts == ([False] if no_val else [True, False])
     assert session_hparams(tmp_path) == {}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install -y chromium)")
-def test_render_tool_screenshots_the_overview(demo_run, tmp_path, capsys):
+def test_render_tool_screenshots_the_overview(demo_runs, tmp_path, capsys):
     pytest.importorskip("websockets")
     from render_tensorboard import main
 
-    method, log_dir = demo_run
-    if method != "TRRD":
-        pytest.skip("one screenshot is enough")
+    log_dir = demo_runs("TRRD")
     out = tmp_path / "tb.png"
     assert main([str(Path(log_dir).parent), str(out), "--height", "1000", "--timeout", "60"]) == 0
     png = out.read_bytes()
