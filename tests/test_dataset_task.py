@@ -122,7 +122,8 @@ def test_builder_with_data_files_per_split(tmp_path, cache):
                                               "test": str(tmp_path / "test.parquet")},
                        prompt_field="question", val_split="test", cache_dir=cache)
     assert len(task.rows("train")) == 2 and [p.answer for p in task.problems("val", 1)] == [GSM8K_ROWS[0]["answer"]]
-    with pytest.raises(ConfigError, match=r"^data\.task\.val_split: no split 'validation' in 'parquet'"):
+    with pytest.raises(ConfigError, match=r"^data\.task\.val_split: no split 'validation' in 'parquet' "
+                                          r"\(splits: train\)$"):
         DatasetTask("parquet", data_files={"train": str(tmp_path / "train.parquet")}, prompt_field="question",
                     val_split="validation", cache_dir=cache)
 
@@ -331,7 +332,7 @@ def test_empty_splits_and_bad_fractions(tmp_path, cache):
         DatasetTask(str(f), test_split="train", cache_dir=cache)
     with pytest.raises(ConfigError, match=r"^data\.task\.val_fraction: validation needs rows"):
         DatasetTask(str(f), val_fraction=0.0, cache_dir=cache)
-    with pytest.raises(ConfigError, match=r"^data\.task\.split: no split 'dev' in '.*two\.jsonl'"):
+    with pytest.raises(ConfigError, match=r"^data\.task\.split: no split 'dev' in '.*two\.jsonl' \(splits: train\)$"):
         DatasetTask(str(f), split="dev", cache_dir=cache)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -267,7 +268,8 @@ class DatasetTask(Task):
         except ValueError as e:
             msg = str(e)
             if msg.startswith("Unknown split"):
-                raise ConfigError(f"{f}.{key}", f"no split '{split}' in '{self.path}' ({msg.split('. ', 1)[-1]})"
+                known = re.findall(r"'([^']+)'", msg.split("one of", 1)[-1])
+                raise ConfigError(f"{f}.{key}", f"no split '{split}' in '{self.path}' (splits: {', '.join(known)})"
                                   ) from None
             raise ConfigError(f"{f}.path", f"cannot read '{self.path}' ({_reason(e)})") from None
         except ConnectionError as e:
