@@ -74,6 +74,14 @@ def _cli_class(state: dict):
             return super()._instantiate_trainer(config, callbacks)
 
         def _run_subcommand(self, subcommand: str) -> None:
+            cfg = self.config[subcommand]
+            if cfg.get("ckpt_path") == "last":  # the file the trainer will pick: the newest last.ckpt it finds
+                found = set()
+                for cb in self.trainer.checkpoint_callbacks:
+                    if hasattr(cb, "_find_last_checkpoints"):
+                        found |= set(cb._find_last_checkpoints(self.trainer))
+                if found:
+                    check_resume(max(found, key=os.path.getmtime), cfg.get("model"))
             state["started"] = True
             super()._run_subcommand(subcommand)
 
@@ -251,6 +259,20 @@ def _field_of(chain: list[BaseException]) -> str:
     return ""
 
 
+def _yaml_error_file(files: list[str], mark):
+    """The config file (and its error mark) that fails to parse as YAML; ``("config", mark)`` if none does."""
+    import yaml
+
+    for f in files:
+        try:
+            yaml.safe_load(Path(f).read_text())
+        except yaml.MarkedYAMLError as e:
+            return f, e.problem_mark or mark
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+    return "config", mark
+
+
 def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
     """One line ``<field or file>: <what is wrong>`` for an error raised while the CLI starts up."""
     from jsonargparse import ArgumentError
@@ -262,8 +284,7 @@ def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
     for e in chain:  # YAML syntax: file, line and column
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
-            files = _config_files(argv)
-            where = files[-1] if len(files) == 1 else "config"
+            where, mark = _yaml_error_file(_config_files(argv), mark)
             return (f"{where}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: "
                     f"{getattr(e, 'problem', None) or _first_line(e)}"
                     + (f" ({e.context})" if getattr(e, "context", None) else ""))
@@ -276,17 +297,20 @@ def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
                 msg = f"interpolation key '{_strip_subcommand(resolved.group(1))}' not found"
             files = _config_files(argv)
             return f"{key}: {msg}" + (f" (in {', '.join(files)})" if files else "")
-    if isinstance(err, ArgumentError):
-        return _one_line(err)
-    inner = chain[-1]
-    if not _is_parser_message(inner):  # a class's own constructor (e.g. a callback's) rejected its init args
-        return f"{_field_of(chain) or 'config'}: {_first_line(inner)}"
+    if "expected one argument" in str(err):  # ``--key -1e-3``: argparse reads the value as an option
+        for key, value in zip(argv, argv[1:]):
+            if key.startswith("--") and "=" not in key and re.match(r"^-[\d.]", value):
+                return (f"{key[2:]}: the value {value} starts with '-' and is read as an option; write "
+                        f"{key}={value}")
     if isinstance(err, ArgumentError):
         return _one_line(err)
     text = " ".join(str(err).split())
+    inner = chain[-1]
+    if not _is_parser_message(inner) and stage != "trainer":  # a class's constructor rejected its init args
+        return f"{_field_of(chain) or 'config'}: {_first_line(inner)}"
     if stage == "trainer":
         hits = [(m.start(), f) for f in _TRAINER_FIELDS for m in [re.search(rf"\b{f}\b", text)] if m]
-        if not hits and re.search(r"\b(gpu|cuda|mps|tpu|xla|backend)\b", text, re.I):
+        if not hits and re.search(r"gpu|cuda|mps|tpu|xla|backend", text, re.I):
             hits = [(0, "accelerator")]
         field = min(hits)[1] if hits else "init"
         return f"trainer.{field}: {text}"[:600]
