@@ -28,10 +28,14 @@ class HFExport(L.Callback):
             ``default_root_dir``).
         enabled: set False to skip the export.
         safe_serialization: write ``model.safetensors`` (else ``pytorch_model.bin``).
+        adapter: LoRA students (``model.lora``) are exported merged (``W + scale * B @ A``, base-model names); with
+            ``adapter: true`` also the adapter folder ``<dirpath>/adapter`` (``peft.PeftModel.from_pretrained``).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, enabled: bool = True, safe_serialization: bool = True):
+    def __init__(self, dirpath: Optional[str] = None, enabled: bool = True, safe_serialization: bool = True,
+                 adapter: bool = False):
         self.dirpath, self.enabled, self.safe_serialization = dirpath, enabled, safe_serialization
+        self.adapter = adapter
         self.last_path: Optional[Path] = None
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
@@ -42,6 +46,8 @@ class HFExport(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         self._exported = False
+        if self.enabled and self.adapter and getattr(pl_module, "lora", None) is None:
+            raise ConfigError("export.adapter", "only a LoRA student (model.lora) has an adapter to export")
         if stage == "fit" and self.enabled and trainer.is_global_zero:
             check_writable(self.resolve_dir(trainer), "export.dirpath")
 
@@ -72,7 +78,14 @@ class HFExport(L.Callback):
             return
         out = self.resolve_dir(trainer)
         # a collective under sharding: every rank gathers bucket by bucket; only rank 0 keeps (and writes) the result
-        state = full_state_dict(pl_module.student, rank0_only=True)
+        lora, adapter_state = getattr(pl_module, "lora", None), None
+        if lora is not None:  # merged weights in the base model's names; the adapters alone on request
+            from rlad_pl.lora import adapter_state_dict, merged_state_dict, save_adapter
+
+            state = merged_state_dict(pl_module.student, rank0_only=True)
+            adapter_state = adapter_state_dict(lora, rank0_only=True) if self.adapter else None
+        else:
+            state = full_state_dict(pl_module.student, rank0_only=True)
         self._exported = True  # tried: a failure below is reported once, not retried at on_fit_end
         error = None
         if trainer.is_global_zero:
@@ -80,6 +93,8 @@ class HFExport(L.Callback):
                 os.makedirs(out, exist_ok=True)
                 pl_module.student.save_pretrained(out, state_dict=state, safe_serialization=self.safe_serialization)
                 pl_module.tokenizer.save_pretrained(out)
+                if adapter_state is not None:
+                    save_adapter(lora, Path(out) / "adapter", adapter_state)
             except OSError as e:
                 saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
                 kept = f"; the training state is in {saved[0]}" if saved else ""

@@ -228,8 +228,9 @@ def unsharded_copy(model: nn.Module, target: Optional[nn.Module] = None, bucket_
     """
     from transformers import AutoModelForCausalLM
 
-    params = dict(model.named_parameters())
-    first = next(iter(params.values()))
+    from rlad_pl.lora import sync_named_weights
+
+    first = next(iter(model.parameters()))
     device = first.to_local().device if is_dtensor(first) else first.device
     dtype = first.dtype
     if target is None:
@@ -246,7 +247,8 @@ def unsharded_copy(model: nn.Module, target: Optional[nn.Module] = None, bucket_
     tparams = dict(target.named_parameters())
     nbytes = 0
     with torch.no_grad():
-        for bucket in iter_full_tensors(params.items(), bucket_bytes):
+        # base-model names; a LoRA student's weights merged one tensor at a time (its base for a base view)
+        for bucket in iter_full_tensors(sync_named_weights(model), bucket_bytes):
             for name, full in bucket:
                 tparams[name].copy_(full)
                 nbytes += full.numel() * full.element_size()

@@ -74,6 +74,10 @@ class DistillationModule(L.LightningModule):
         max_consecutive_skipped_steps: a step whose loss (any micro-batch) or gradient is non-finite is skipped:
             parameters, optimizer state and LR schedule stay bit-identical (counted in ``nonfinite/steps_skipped``,
             one warning line the first time); after this many consecutive skipped steps the run stops with one line.
+        lora: PEFT ``LoraConfig`` fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ...) to train a LoRA student
+            (``rlad_pl.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
+            student (``model.teacher`` naming the student's files at the same dtype) or a reference model is the
+            student's base with adapters disabled, not a second loaded copy. None: full fine-tuning.
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -86,7 +90,7 @@ class DistillationModule(L.LightningModule):
                  fsdp_mixed_precision: Optional[str] = None, student_revision: Optional[str] = None,
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, trust_remote_code: bool = False,
-                 max_consecutive_skipped_steps: int = 5):
+                 max_consecutive_skipped_steps: int = 5, lora: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -108,6 +112,9 @@ class DistillationModule(L.LightningModule):
             if unknown:
                 raise ConfigError(f"model.objectives[{i}]", f"{type(obj).__name__} requires unknown inputs "
                                   f"{sorted(unknown)}")
+            for key, value in vars(obj).items():  # a NaN coefficient passes every "< 0" check and poisons the loss
+                if isinstance(value, float) and math.isnan(value):
+                    raise ConfigError(f"{obj.name}.{key}", "expected a number, got nan")
             if obj.loss_agg is None:
                 obj.loss_agg = loss_agg
         self.objectives = list(objectives)
@@ -151,14 +158,25 @@ class DistillationModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tok_src)
         self.student = load_causal_lm(student_src, "model.student", dtype)
         self.student.train()  # from_pretrained returns eval mode
+        self.lora = None
+        if lora is not None:  # in place: self.student stays the Hugging Face model, only adapters require grad
+            from rlad_pl.lora import apply_lora
+
+            self.lora = apply_lora(self.student, lora, "model.lora")
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.teacher = None
+        # a LoRA student's base with adapters off *is* the initial student: no second copy for teacher / reference
+        base_is_teacher = (self.lora is not None and needs_teacher and teacher_src.tag == student_src.tag
+                           and (teacher_dtype or dtype) == dtype)
         if needs_teacher:
             check_tokenizers_match(self.tokenizer, load_tokenizer(t_tok_src), "model.teacher")
-            self.teacher = load_causal_lm(teacher_src, "model.teacher", teacher_dtype or dtype, trainable=False)
-        self.reference = (load_causal_lm(student_src, "model.student", dtype, trainable=False)
-                          if REF_LOGPROBS in self.requires else None)
+            self.teacher = (self.lora.base_view() if base_is_teacher else
+                            load_causal_lm(teacher_src, "model.teacher", teacher_dtype or dtype, trainable=False))
+        self.reference = None
+        if REF_LOGPROBS in self.requires:
+            self.reference = (self.lora.base_view() if self.lora is not None else
+                              load_causal_lm(student_src, "model.student", dtype, trainable=False))
         frozen = [m for m in (self.teacher, self.reference) if m is not None]
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
         self.counters: dict[str, float] = defaultdict(float)
@@ -166,6 +184,10 @@ class DistillationModule(L.LightningModule):
         self.fsdp_mixed_precision = fsdp_mixed_precision
         # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
         self.register_state_dict_post_hook(_drop_frozen_keys)
+        if self.lora is not None:  # ... and of a LoRA student only the trainable (adapter) tensors
+            from rlad_pl.lora import drop_frozen_student_keys
+
+            self.register_state_dict_post_hook(drop_frozen_student_keys)
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (each transformer block, then
@@ -177,7 +199,7 @@ class DistillationModule(L.LightningModule):
 
         mesh, policy = fsdp_mesh(mesh), mixed_precision_policy(self.fsdp_mixed_precision)
         for m in (self.student, self.teacher, self.reference):
-            if m is not None:
+            if isinstance(m, torch.nn.Module):  # a LoRA student's base view is sharded with the student
                 shard_model(m, mesh, policy)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -229,7 +251,7 @@ class DistillationModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         for m in (self.teacher, self.reference):  # frozen models always stay in eval mode
-            if m is not None:
+            if isinstance(m, torch.nn.Module):  # (a LoRA base view runs in eval mode by itself)
                 m.eval()
         return self
 

@@ -272,6 +272,8 @@ class VLLMSampler(Sampler):
         if self.llm is not None:
             return
         vllm = import_vllm()
+        from rlad_pl.lora import BaseModelView, is_lora, merged_state_dict, save_merged
+
         rank, world = _global_rank(), _world_size()
         if world > 1 and self.tensor_parallel_size != 1:
             raise ConfigError("data.sampler.init_args.tensor_parallel_size", "each training rank owns its own "
@@ -290,6 +292,9 @@ class VLLMSampler(Sampler):
         if sharded:  # config only; the engine starts from dummy weights and the first sync fills them
             config.save_pretrained(self.model_dir)
             load_format = "dummy"
+        elif is_lora(model):  # the merged model in base-model names (vLLM loads no PEFT layer names)
+            save_merged(model.base_of if isinstance(model, BaseModelView) else model, self.model_dir,
+                        merged_state_dict(model))
         else:
             model.save_pretrained(self.model_dir)  # once, so the engine starts from the current weights
             load_format = "auto"
@@ -384,8 +389,12 @@ class VLLMSampler(Sampler):
 
     # ------------------------------------------------------------------------------------------------- sync
     def _named_weights(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """Checkpoint-named parameters, tied embeddings once (``named_parameters`` skips shared tensors)."""
-        for name, p in model.named_parameters():
+        """Checkpoint-named parameters, tied embeddings once (``named_parameters`` skips shared tensors). A LoRA
+        student sends its merged weights ``W + scale * B @ A`` in the base model's names, merged one tensor at a time
+        as the buckets fill (``rlad_pl.lora.sync_named_weights``); its adapters-off base view sends the base."""
+        from rlad_pl.lora import sync_named_weights
+
+        for name, p in sync_named_weights(model):
             name = _clean_name(name)
             if self._tied and name.endswith("lm_head.weight"):
                 continue  # a tied model's head is its embedding; vLLM ignores lm_head.* for tied models
