@@ -304,16 +304,59 @@ def load_tokenizer(path: str | os.PathLike | ModelSource, field: str = "model.to
     from transformers import AutoTokenizer
 
     src = resolve_source(path, field, kind="tokenizer")
+    if not any((src.folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(src.field, f"'{src.spec}' holds no tokenizer files (expected one of "
+                          f"{', '.join(TOKENIZER_FILES)}); set model.tokenizer to a folder that has them")
     name, kwargs = src.from_pretrained_args()
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(src.field, f"cannot load the tokenizer of '{src.spec}': {_first_line(e)}") from None
+    tok = faithful_tokenizer(tok, src)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError(src.field, "tokenizer has neither a pad nor an eos token; one is needed for padding")
         tok.pad_token = tok.eos_token
     return tok
+
+
+#: files of which a tokenizer folder holds at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+#: text whose encoding must be the same through transformers' class and the saved ``tokenizer.json``
+PROBE_TEXT = "a b  c\n\t1+2=3; Hello, World! x_y"
+
+
+def faithful_tokenizer(tok, src: "ModelSource"):
+    """``tok``, or the saved ``tokenizer.json`` pipeline when transformers' class for the model type encodes
+    differently from it.
+
+    transformers 5 picks the tokenizer class from ``config.json``'s model type and may rebuild the pre-tokenizer
+    (a ``Qwen2Tokenizer`` over a char-level ``tokenizer.json`` drops spaces and newlines: ``"a b"`` -> ``"ab"``).
+    The file as saved is what the model was trained with, so a mismatch on ``PROBE_TEXT`` falls back to the generic
+    fast tokenizer over that file, with one warning line.
+    """
+    file = src.folder / "tokenizer.json"
+    if not file.is_file():
+        return tok
+    from tokenizers import Tokenizer
+
+    try:
+        saved = Tokenizer.from_file(str(file)).encode(PROBE_TEXT, add_special_tokens=False).ids
+    except Exception:  # noqa: BLE001 -- an unreadable file is for transformers to report
+        return tok
+    if tok(PROBE_TEXT, add_special_tokens=False)["input_ids"] == saved:
+        return tok
+    from transformers import PreTrainedTokenizerFast
+
+    name, kwargs = src.from_pretrained_args()
+    generic = PreTrainedTokenizerFast.from_pretrained(name, **kwargs)
+    if generic(PROBE_TEXT, add_special_tokens=False)["input_ids"] != saved:
+        return tok
+    if PACKAGE_DIR not in src.folder.resolve().parents:  # the shipped char-level assets are known to need it
+        print(f"rlad_pl: warning: {src.field}: transformers' {type(tok).__name__} encodes differently from "
+              f"'{src.spec}/tokenizer.json'; using the saved tokenizer.json as is", file=sys.stderr)
+    return generic
 
 
 def _first_line(err: BaseException) -> str:

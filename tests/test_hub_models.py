@@ -225,7 +225,7 @@ def test_remote_code_warning_is_one_line(hub, capsys, trust):
     from rlad_pl.objectives import GRPO
 
     m = DistillationModule("org/tiny", [GRPO()], trust_remote_code=trust)
-    err = [ln for ln in capsys.readouterr().err.splitlines() if "rlad_pl: warning" in ln]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "rlad_pl: warning: model.trust_remote_code" in ln]
     expected = [f"rlad_pl: warning: model.trust_remote_code: on, so Python code from 'org/tiny@{COMMIT_A}' may run "
                 "on this machine"] if trust else []
     assert err == expected and m.hparams.trust_remote_code is trust
