@@ -310,6 +310,8 @@ def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
         return f"{_field_of(chain) or 'config'}: {_first_line(inner)}"
     if stage == "trainer":
         hits = [(m.start(), f) for f in _TRAINER_FIELDS for m in [re.search(rf"\b{f}\b", text)] if m]
+        if not hits and re.search(r"strategy", text, re.I):
+            hits = [(0, "strategy")]
         if not hits and re.search(r"gpu|cuda|mps|tpu|xla|backend", text, re.I):
             hits = [(0, "accelerator")]
         field = min(hits)[1] if hits else "init"

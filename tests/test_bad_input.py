@@ -45,6 +45,7 @@ FILES = {
     "weight_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n      init_args: {weight: .nan}\n",
     "dup_names.yaml": ("model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n"
                        "    - class_path: rlad_pl.objectives.GRPO\n      init_args: {eps_high: 0.2}\n"),
+    "eps_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n      init_args: {eps_high: .nan}\n",
     "ok.jsonl": '{"prompt": "1+1=", "answer": "2"}\n',
     "latin1.jsonl": b'{"prompt": "caf\xe9", "answer": "1"}\n',
     "malformed.jsonl": '{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n',
@@ -95,6 +96,7 @@ CASES = [
     ("objective_eps_low_negative", objectives(("GRPO", {"eps_low": -0.1})), ["grpo.eps_low"]),
     ("objective_eps_low_one", objectives(("GRPO", {"eps_low": 1.0})), ["grpo.eps_low"]),
     ("objective_eps_high_negative", objectives(("GRPO", {"eps_high": -1.0})), ["grpo.eps_high"]),
+    ("objective_eps_high_nan", ["--config", "{tmp}/eps_nan.yaml"], ["grpo.eps_high", "nan"]),
     ("objective_tis_cap_zero", objectives(("GRPO", {"tis_cap": 0.0})), ["grpo.tis_cap"]),
     ("objective_ref_kl_negative", objectives(("GRPO", {"ref_kl_coef": -0.1})), ["grpo.ref_kl_coef"]),
     ("objective_kl_estimator_typo", objectives(("GRPO", {"ref_kl_estimator": "k4"})),
@@ -169,6 +171,9 @@ CASES = [
                                    "{prompt} in \\boxed{}"), ["data.task.prompt_template"]),
     # ---------------------------------------------------------------- trainer
     ("strategy_typo", ["--trainer.strategy=dpp"], ["trainer.strategy", "dpp"]),
+    ("strategy_class_name_as_string", ["--trainer.strategy=ModelParallelStrategy"], ["trainer.strategy"]),
+    ("strategy_fsdp_on_cpu", ["--trainer.strategy=fsdp"], ["trainer.strategy", "GPU"]),
+    ("strategy_not_installed", ["--trainer.strategy=deepspeed"], ["trainer.strategy"]),
     ("accelerator_gpu_without_gpu", ["--trainer.accelerator=gpu"], ["trainer.accelerator"]),
     ("accelerator_tpu", ["--trainer.accelerator=tpu"], ["trainer.accelerator"]),
     ("devices_zero", ["--trainer.devices=0"], ["trainer.devices"]),
@@ -223,8 +228,16 @@ def _error_line(capsys, args: list[str]) -> str:
     return lines[0]
 
 
+#: mistakes only on a machine without a GPU
+NEEDS_NO_GPU = {"accelerator_gpu_without_gpu", "strategy_fsdp_on_cpu", "strategy_not_installed"}
+
+
 @pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
-def test_bad_input(args, expected, tmp_path, capsys):
+def test_bad_input(args, expected, tmp_path, capsys, request):
+    import torch
+
+    if request.node.callspec.id in NEEDS_NO_GPU and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     _materialise(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     line = _error_line(capsys, list(BASE) + args)
@@ -338,10 +351,6 @@ def test_resume_refuses_other_model_settings(tmp_path, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["--model.optimizer.init_args.lr=-1e-3"],
      "rlad_pl: error: model.optimizer.init_args.lr: Invalid learning rate: -0.001"),
-    (["--model.grad_clip=-1"], "rlad_pl: error: model.grad_clip: expected a finite number > 0, got -1.0 "
-                               "(null: no clipping)"),
-    (["--data.sampling.top_p=1.5"], "rlad_pl: error: data.sampling.top_p: expected a finite number in (0, 1], got "
-                                    "1.5 (1.0 = off)"),
 ])
 def test_one_line_from_a_real_process(args, expected):
     out = subprocess.run([sys.executable, "-m", "rlad_pl", *BASE, *args], capture_output=True, text=True, cwd=REPO,
