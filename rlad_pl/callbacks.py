@@ -48,8 +48,10 @@ class HFExport(L.Callback):
         self._exported = False
         if self.enabled and self.adapter and getattr(pl_module, "lora", None) is None:
             raise ConfigError("export.adapter", "only a LoRA student (model.lora) has an adapter to export")
-        if stage == "fit" and self.enabled and trainer.is_global_zero:
-            check_writable(self.resolve_dir(trainer), "export.dirpath")
+        if stage == "fit" and self.enabled:
+            out = self.resolve_dir(trainer)  # on every rank: trainer.log_dir is a broadcast
+            if trainer.is_global_zero:
+                check_writable(out, "export.dirpath")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         from rlad_pl.checkpointing import RolloutCheckpoint
