@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -90,7 +90,7 @@ class DistillationModule(L.LightningModule):
                  fsdp_mixed_precision: Optional[str] = None, student_revision: Optional[str] = None,
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, trust_remote_code: bool = False,
-                 max_consecutive_skipped_steps: int = 5, lora: Optional[dict] = None):
+                 max_consecutive_skipped_steps: int = 5, lora: Optional[dict[str, Any]] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
