@@ -295,6 +295,7 @@ class VLLMSampler(Sampler):
         elif is_lora(model):  # the merged model in base-model names (vLLM loads no PEFT layer names)
             save_merged(model.base_of if isinstance(model, BaseModelView) else model, self.model_dir,
                         merged_state_dict(model))
+            load_format = "auto"
         else:
             model.save_pretrained(self.model_dir)  # once, so the engine starts from the current weights
             load_format = "auto"
