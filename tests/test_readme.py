@@ -46,7 +46,7 @@ FRAGMENT_BASES = {
 #: makes any fit short; appended after the README's own arguments (the last value wins)
 SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.val_prompts", "4",
          "--data.val_k", "2", "--data.pass_k", "[1, 2]", "--data.val_batch_prompts", "4"]
-NEEDS_GPU = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3")
+NEEDS_GPU = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3|own_model_trrd")
 
 
 def blocks(lang: str) -> list[tuple[int, str, str]]:
@@ -77,6 +77,18 @@ def shell_commands() -> list[tuple[int, str]]:
             if line and not (line.startswith("#") and not line.startswith("#SBATCH")):
                 cmds.append((start + j + 1, line))
     return cmds
+
+
+def write_named_blocks(folder: Path) -> dict[str, Path]:
+    """Write every YAML / Python block whose first line is ``# <file name>`` into ``folder``; name -> path."""
+    files = {}
+    for lang, suffix in (("yaml", ".yaml"), ("python", ".py")):
+        for _, _, text in blocks(lang):
+            m = re.match(r"#\s*([\w.-]+" + re.escape(suffix) + r")\b", text)
+            if m:
+                files[m.group(1)] = folder / m.group(1)
+                files[m.group(1)].write_text(text)
+    return files
 
 
 def _cli_args(words: list[str]) -> list[str]:
@@ -116,8 +128,14 @@ def test_readme_shell_command(lineno, command, tmp_path, monkeypatch):
     words = shlex.split(command)
     if words[0] in NOT_RUN:
         pytest.skip(f"README line {lineno}: {NOT_RUN[words[0]]}")
+    if words[:2] == ["python", "-c"] and "load_dataset" in command:
+        pytest.skip(f"README line {lineno}: downloads a dataset from the hub (tests/test_own_model_config.py "
+                    "runs the config's data section on files in the same layout)")
     if "rlad_pl" in words and ("-m" in words or words[0] == "rlad_pl"):
         monkeypatch.chdir(REPO)
+        files = write_named_blocks(tmp_path)  # `# my_objective.yaml` / `# my_objectives.py` blocks, as files
+        monkeypatch.syspath_prepend(str(tmp_path))
+        words = [str(files[w]) if w in files else w for w in words]
         launcher = words[0] in ("torchrun", "srun")
         _run_brief(_cli_args(words), tmp_path, gpu=launcher or bool(NEEDS_GPU.search(command)))
         return
