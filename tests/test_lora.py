@@ -276,10 +276,10 @@ def test_lora_opsd_lowers_the_divergence(tmp_path):
     from rlad_pl.lora import BaseModelView
 
     assert isinstance(cli.model.teacher, BaseModelView)
-    tag = next(t for t in ("ReNIO/opsd_value_mean", "ReNIO/kl_mean", "ReNIO/loss") if scalars(tmp_path, t))
-    div = scalars(tmp_path, tag)
+    div = scalars(tmp_path, "renio/opsd/divergence")  # the clipped forward KL to the adapters-off teacher
+    assert len(div) == 20
     first, last = sum(div[:3]) / 3, sum(div[-3:]) / 3
-    print(f"\nLoRA OPSD {tag}: first 3 epochs {first:.4f}, last 3 {last:.4f}")
+    print(f"\nLoRA OPSD divergence: first 3 epochs {first:.4f}, last 3 {last:.4f}")  # measured 0.0050 -> 0.0022
     assert last < 0.7 * first, (first, last)
 
 
@@ -333,3 +333,14 @@ def test_vllm_sync_of_merged_weights_then_greedy_matches_hf(tmp_path):
               f"buckets, {seconds * 1e3:.1f} ms")
     finally:
         vs.close()
+
+
+def test_gpu_8b_lora_config_parses():
+    """The GPU-scale LoRA OPSD config (never run here: no Qwen3 weights, no GPUs) parses with its LoRA settings."""
+    out = subprocess.run([sys.executable, "-m", "rlad_pl", "fit", "--config",
+                          str(CONFIGS / "gpu_qwen3_8b_opsd_lora.yaml"), "--print_config"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for needle in ("r: 64", "alpha: 128", "teacher: models/Qwen3-8B", "class_path: rlad_pl.objectives.OPSD",
+                   "adapter: true", "class_path: lightning.pytorch.strategies.ModelParallelStrategy"):
+        assert needle in out.stdout, needle
