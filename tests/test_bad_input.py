@@ -291,6 +291,18 @@ def test_near_greedy_sampling_with_grpo_warns_once(tmp_path, capsys):
     assert cli.trainer.global_step == 1
 
 
+@pytest.mark.slow
+def test_vllm_prompt_plus_max_new_tokens_beyond_max_model_len(capsys):
+    """vLLM ends a response at ``max_model_len`` without saying so: the real engine (max_model_len 256) with a
+    5-token prompt (BOS + 4 characters) and max_new_tokens 255 is refused before anything is generated."""
+    line = _error_line(capsys, ["fit", "--config", str(CONFIGS / "grpo_tiny_vllm.yaml"), "--trainer.max_epochs", "1",
+                                "--trainer.logger", "false", "--export.enabled", "false",
+                                "--trainer.enable_checkpointing", "false", "--data.sampling.max_new_tokens", "255"])
+    assert line == ("rlad_pl: error: data.sampling.max_new_tokens: the longest prompt (5 tokens) + max_new_tokens "
+                    "(255) = 260 exceeds the vLLM engine's max_model_len 256; lower max_new_tokens or "
+                    "data.max_prompt_length, or raise data.sampler.init_args.max_model_len")
+
+
 # -------------------------------------------------------------------------------------------- what the CLI does
 def test_interpolation_follows_command_line_override(tmp_path, capsys):
     """``tokenizer: ${model.student}`` is resolved after ``--model.student X``: X's tokenizer, not the YAML's."""
