@@ -355,6 +355,8 @@ def test_resume_refuses_other_model_settings(tmp_path, capsys):
     assert line == (f"rlad_pl: error: ckpt_path: '{ckpt}' was trained with other model settings (model.grad_clip: "
                     "checkpoint 1.0, given 0.5; model.log_entropy: checkpoint True, given False); a resume continues "
                     "the same run: give the checkpoint's values, or start a new run from its exported weights")
+    line = _error_line(capsys, [*run, "--trainer.max_epochs", "2", "--ckpt_path", "last", "--model.grad_clip", "0.5"])
+    assert line.startswith("rlad_pl: error: ckpt_path: '") and "model.grad_clip: checkpoint 1.0, given 0.5" in line
     cli = run_cli(*run, "--trainer.max_epochs", "2", "--ckpt_path", ckpt)
     assert cli.trainer.current_epoch == 2 and cli.model.grad_clip == 1.0
 
