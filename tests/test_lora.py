@@ -180,7 +180,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
 def lora_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_fit")
     cli = run_cli("fit", "--config", GRPO_LORA, "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(root),
-                  "--export.adapter", "true", *QUIET)
+                  "--model.student", TINY, "--data.task.init_args.target", "a", "--export.adapter", "true", *QUIET)
     return cli, Path(cli.trainer.log_dir)
 
 
@@ -263,11 +263,15 @@ def test_resume_is_exact_through_the_cli(tmp_path):
 # ------------------------------------------------------------------------------------------------ training effects
 @pytest.mark.slow
 def test_lora_grpo_raises_the_reward(tmp_path):
-    run_cli("fit", "--config", GRPO_LORA, "--trainer.default_root_dir", str(tmp_path), *QUIET)
+    """configs/grpo_lora_tiny.yaml (demo student, '7' reward): measured 0.19 -> 1.00 over 30 epochs, like full
+    fine-tuning (0.21 -> 1.00); 15 epochs here."""
+    cli = run_cli("fit", "--config", GRPO_LORA, "--trainer.default_root_dir", str(tmp_path), *QUIET)
+    assert cli.model.lora is not None
     reward = scalars(tmp_path, "rollout/reward_mean")
-    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    print(f"\nLoRA GRPO reward: first 5 epochs {first:.3f}, last 5 {last:.3f}")
-    assert last > first + 0.15, (first, last)
+    assert len(reward) == 15
+    first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
+    print(f"\nLoRA GRPO reward: first 3 epochs {first:.3f}, last 3 {last:.3f}")
+    assert last > first + 0.4 and last > 0.8, (first, last)
 
 
 @pytest.mark.slow
@@ -344,3 +348,29 @@ def test_gpu_8b_lora_config_parses():
     for needle in ("r: 64", "alpha: 128", "teacher: models/Qwen3-8B", "class_path: rlad_pl.objectives.OPSD",
                    "adapter: true", "class_path: lightning.pytorch.strategies.ModelParallelStrategy"):
         assert needle in out.stdout, needle
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_match_one(tmp_path):
+    """LoRA GRPO under ``ModelParallelStrategy`` on 2 CPU processes == 1 process: sharded adapters train alike,
+    sampling goes through the merged unsharded copy, the export gathers and merges the sharded weights."""
+    import yaml
+
+    from test_distributed import ATOL, _assert_same_weights, _config, _fit, _moved, _weights
+
+    obj = {"class_path": "rlad_pl.objectives.GRPO", "init_args": {"eps_low": 0.2, "eps_high": 0.28}}
+
+    def config(name, prompts):
+        path = _config(tmp_path / f"{name}.yaml", obj, prompts, 3, "token_mean", False, ckpt=False, val=False)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+        cfg["model"]["optimizer"]["init_args"]["lr"] = 1.0e-2
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    one, two = _weights(_fit(config("one", 4), 1)), _weights(_fit(config("two", 2), 2))
+    assert not any("lora" in k or "base_layer" in k for k in two)
+    worst = _assert_same_weights(one, two, ATOL)
+    assert _moved(two) > 1e-3, "the merged export should differ from the initial model"
+    print(f"\nLoRA FSDP2 1 vs 2 ranks: max |diff| {worst:.2e}")
