@@ -104,6 +104,14 @@ def _finite(log_dir: Path, tag: str, n: int) -> list[float]:
     return vals
 
 
+def _initial(model_dir: Path, name: str = "model.layers.0.self_attn.q_proj.weight") -> torch.Tensor:
+    """One weight tensor as the built model folder holds it (before any training)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return f.get_tensor(name)
+
+
 def _greedy_ids(model, tok, prompts: list[list[int]], n: int = 16) -> list[list[int]]:
     from rlad_pl.rollout import HFSampler, SamplingParams
 
@@ -229,7 +237,7 @@ def grpo_hf(smollm2, data_files, tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_grpo_hf_sampler_gsm8k_parquet(grpo_hf):
+def test_grpo_hf_sampler_gsm8k_parquet(grpo_hf, smollm2):
     cli, log_dir = grpo_hf
     from rlad_pl.data import DatasetTask
     from rlad_pl.rollout import HFSampler
@@ -240,6 +248,10 @@ def test_grpo_hf_sampler_gsm8k_parquet(grpo_hf):
     assert all(0.0 <= r <= 1.0 for r in rewards)
     _finite(log_dir, "train/loss", 2)
     _finite(log_dir, "val/all/mean@2", 1)
+    # a group with different rewards has non-zero advantages: GRPO then moves the weights
+    if min(_finite(log_dir, "rollout/zero_variance_groups", 2)) < 1.0:
+        q = cli.model.student.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+        assert not torch.equal(q, _initial(smollm2))
     ckpts = list(log_dir.rglob("*.ckpt"))
     assert ckpts and all(c.stat().st_size > 538_090_408 for c in ckpts), ckpts  # weights + AdamW state
 
@@ -301,5 +313,9 @@ def test_opsd_self_distillation_math_jsonl(smollm2, data_files, tmp_path):
     assert all(v >= 0 for v in fkl)
     # the privileged prompt changes the teacher: its divergence from the student is not zero on the first batch
     assert fkl[0] > 0
+    # the student learned, the teacher stayed the initial model
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(cli.model.student.state_dict()[name], _initial(smollm2, name))
+    assert torch.equal(cli.model.teacher.state_dict()[name], _initial(smollm2, name))
     _finite(log_dir, "train/loss", 2)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
