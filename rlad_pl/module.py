@@ -75,8 +75,8 @@ class DistillationModule(L.LightningModule):
         max_consecutive_skipped_steps: a step whose loss (any micro-batch) or gradient is non-finite is skipped:
             parameters, optimizer state and LR schedule stay bit-identical (counted in ``nonfinite/steps_skipped``,
             one warning line the first time); after this many consecutive skipped steps the run stops with one line.
-        lora: PEFT ``LoraConfig`` fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ...) to train a LoRA student
-            (``rlad_pl.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
+        lora: PEFT ``LoraConfig`` fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ...) to train a LoRA
+            student (``rlad_pl.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
             student (``model.teacher`` naming the student's files at the same dtype) or a reference model is the
             student's base with adapters disabled, not a second loaded copy. None: full fine-tuning.
         teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default: a frozen

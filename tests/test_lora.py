@@ -175,7 +175,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-6
 
 
-# ------------------------------------------------------------------------------------------------ fit, checkpoint, export
+# ---------------------------------------------------------------------------------------- fit, checkpoint, export
 @pytest.fixture(scope="module")
 def lora_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_fit")
