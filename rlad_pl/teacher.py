@@ -210,7 +210,7 @@ class VLLMTeacher(TeacherScorer):
         kwargs: dict[str, Any] = dict(
             model=folder, tokenizer=folder, dtype=self.dtype, seed=0, tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=self.enforce_eager, gpu_memory_utilization=self.gpu_memory_utilization,
-            enable_prefix_caching=False, generation_config="vllm", skip_tokenizer_init=True,
+            enable_prefix_caching=False, generation_config="vllm",
             trust_remote_code=self.source.trust_remote_code)
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
