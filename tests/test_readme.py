@@ -42,6 +42,7 @@ NOT_RUN = {
 FRAGMENT_BASES = {
     "my_objectives.SampledReverseKL": "configs/opd_tiny.yaml",
     "rlad_pl.rollout.vllm.VLLMSampler": "configs/grpo_tiny.yaml",
+    "rlad_pl.teacher.VLLMTeacher": "configs/trrd_tiny.yaml",
 }
 #: makes any fit short; appended after the README's own arguments (the last value wins)
 SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.val_prompts", "4",
@@ -162,7 +163,7 @@ def test_readme_yaml_block(lineno, section, text, tmp_path, monkeypatch):
     base = next((b for key, b in FRAGMENT_BASES.items() if key in text), None)
     if base is None:
         pytest.fail(f"README line {lineno}: YAML block in '{section}' has no base config in FRAGMENT_BASES")
-    if "VLLMSampler" in text:
+    if "VLLMSampler" in text or "VLLMTeacher" in text:
         pytest.importorskip("vllm")
     frag = tmp_path / "fragment.yaml"
     frag.write_text(text)

@@ -222,3 +222,95 @@ def test_trrd_fit_through_the_cli_on_the_vllm_backend(tmp_path):
     # same seed, same first rollout: the first step's teacher statistics agree with the local run's
     for tag in ("trrd/teacher_clamp_frac", "trrd/loss"):
         assert scalars(vllm_dir, tag)[0] == pytest.approx(scalars(local_dir, tag)[0], abs=1e-4), tag
+
+
+# ----------------------------------------------------------------------------------------------- served teacher
+def test_unreachable_teacher_server_is_one_line():
+    import socket
+
+    from rlad_pl.teacher import ServerTeacher
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    module = _trrd_module(ASSETS / "tiny-student", ASSETS / "tiny-teacher",
+                          ServerTeacher(url=f"http://127.0.0.1:{port}", retries=1, timeout=5))
+    with pytest.raises(ConfigError) as e:
+        _teacher_logprobs(module, _rollout(module.tokenizer))
+    msg = str(e.value)
+    assert msg.startswith(f"model.teacher_backend.init_args.url: the teacher server at http://127.0.0.1:{port} "
+                          "did not answer /v1/models") and "after 2 attempt(s)" in msg and "\n" not in msg
+
+
+def test_server_teacher_api_key_variable_must_be_set(monkeypatch):
+    from rlad_pl.teacher import ServerTeacher
+
+    monkeypatch.delenv("RLAD_PL_TEST_TEACHER_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"^model\.teacher_backend\.init_args\.api_key_env: the environment "
+                                          r"variable RLAD_PL_TEST_TEACHER_KEY is not set"):
+        ServerTeacher(url="http://127.0.0.1:1", api_key_env="RLAD_PL_TEST_TEACHER_KEY")
+
+
+@pytest.fixture(scope="module")
+def teacher_server():
+    """``python -m vllm.entrypoints.openai.api_server`` on localhost with the tiny teacher (~35 s to start)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = str(ASSETS / "tiny-teacher")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+                             "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+                             "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20),
+                             "--no-enable-chunked-prefill", "--max-logprobs", "20"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the vLLM server did not start (exit code {proc.poll()})")
+                time.sleep(1)
+        yield url, folder
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_server_teacher_logprobs_equal_local_and_bad_settings_are_one_line(teacher_server):
+    from rlad_pl.teacher import ServerTeacher
+
+    url, folder = teacher_server
+    local = _trrd_module(ASSETS / "tiny-student", ASSETS / "tiny-teacher")
+    served = _trrd_module(ASSETS / "tiny-student", ASSETS / "tiny-teacher",
+                          ServerTeacher(url=url, model=folder, batch_size=5))
+    batch = _rollout(local.tokenizer, seed=11, privileged=True)
+    want = _teacher_logprobs(local, batch)
+    got = _teacher_logprobs(served, _rollout(local.tokenizer, seed=11, privileged=True))
+    m = batch.response_mask > 0
+    diff = (got[m] - want[m]).abs().max().item()
+    print(f"\nserver, tiny pair: max |server - local| = {diff:.2e} over {int(m.sum())} tokens")
+    assert diff < LOGPROB_ATOL
+    wrong = _trrd_module(ASSETS / "tiny-student", ASSETS / "tiny-teacher", ServerTeacher(url=url, model="other"))
+    with pytest.raises(ConfigError, match=rf"^model\.teacher_backend\.init_args\.model: the teacher server at "
+                                          rf"{url} serves \['{folder}'\], not 'other'"):
+        _teacher_logprobs(wrong, _rollout(local.tokenizer))
+    served.temperature = 0.7
+    with pytest.raises(ConfigError, match=r"^model\.temperature: ServerTeacher scores at temperature 1"):
+        _teacher_logprobs(served, _rollout(local.tokenizer))
