@@ -314,3 +314,22 @@ def test_server_teacher_logprobs_equal_local_and_bad_settings_are_one_line(teach
     served.temperature = 0.7
     with pytest.raises(ConfigError, match=r"^model\.temperature: ServerTeacher scores at temperature 1"):
         _teacher_logprobs(served, _rollout(local.tokenizer))
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_trrd_fit_through_the_cli_on_the_server_backend(teacher_server, tmp_path):
+    from rlad_pl.teacher import ServerTeacher
+
+    url, folder = teacher_server
+    cli = run_cli("fit", "--config", str(CONFIGS / "trrd_tiny.yaml"), "--trainer.max_epochs", "2",
+                  "--trainer.check_val_every_n_epoch", "2", "--data.prompts_per_rollout", "4",
+                  "--trainer.default_root_dir", str(tmp_path / "server"),
+                  "--model.teacher_backend", "rlad_pl.teacher.ServerTeacher",
+                  "--model.teacher_backend.init_args.url", url, "--model.teacher_backend.init_args.model", folder)
+    assert isinstance(cli.model.teacher_backend, ServerTeacher) and cli.model.teacher is None
+    log_dir = cli.trainer.log_dir
+    for tag in ("trrd/loss", "trrd/teacher_clamp_frac", "timing/teacher_logprobs"):
+        values = scalars(log_dir, tag)
+        assert len(values) == 2 and all(torch.isfinite(torch.tensor(values))), (tag, values)
