@@ -43,6 +43,7 @@ FRAGMENT_BASES = {
     "my_objectives.SampledReverseKL": "configs/opd_tiny.yaml",
     "rlad_pl.rollout.vllm.VLLMSampler": "configs/grpo_tiny.yaml",
     "rlad_pl.teacher.VLLMTeacher": "configs/trrd_tiny.yaml",
+    "lora:": "configs/opsd_tiny.yaml",
 }
 #: makes any fit short; appended after the README's own arguments (the last value wins)
 SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.val_prompts", "4",
