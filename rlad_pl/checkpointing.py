@@ -222,9 +222,10 @@ class RolloutCheckpoint(ModelCheckpoint):
     def write_last(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` now (atomically)."""
         path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
-        self.last_model_path = path
-        self._save_checkpoint(trainer, path)
-        self._saved_epochs = self._finished_epochs(trainer)
+        with defer_sigint():  # the file and the bookkeeping of what it holds change together (Ctrl-C waits)
+            self.last_model_path = path
+            self._save_checkpoint(trainer, path)
+            self._saved_epochs = self._finished_epochs(trainer)
 
     def _keep_copy(self, trainer: L.Trainer) -> None:
         if not self.last_model_path or not trainer.is_global_zero:
