@@ -333,3 +333,30 @@ def test_trrd_fit_through_the_cli_on_the_server_backend(teacher_server, tmp_path
     for tag in ("trrd/loss", "trrd/teacher_clamp_frac", "timing/teacher_logprobs"):
         values = scalars(log_dir, tag)
         assert len(values) == 2 and all(torch.isfinite(torch.tensor(values))), (tag, values)
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_vllm_teacher_logprobs_equal_local_on_smollm2():
+    """SmolLM2-135M-Instruct (fp32, 49,152 tokens) as its own teacher: the same rollouts scored by both backends."""
+    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+    from rlad_pl.teacher import VLLMTeacher
+
+    try:
+        path = build_real_model(log=lambda msg: print(msg, flush=True))
+    except RealModelUnavailable as e:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be built: {e}")
+    local = _trrd_module(path, path, temperature=0.9)
+    remote = _trrd_module(path, path, VLLMTeacher(**ENGINE), temperature=0.9)
+    try:
+        batch = _rollout(local.tokenizer, n=6, seed=2)
+        want = _teacher_logprobs(local, batch)
+        got = _teacher_logprobs(remote, _rollout(local.tokenizer, n=6, seed=2))
+    finally:
+        remote.teacher_backend.close()
+    m = batch.response_mask > 0
+    diff = (got[m] - want[m]).abs().max().item()
+    print(f"\nSmolLM2-135M, T=0.9: max |vllm - local| = {diff:.2e} over {int(m.sum())} tokens")
+    assert diff < LOGPROB_ATOL
