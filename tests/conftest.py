@@ -41,16 +41,24 @@ def run_cli(*args: str):
         sys.argv = argv
 
 
-def scalars(log_dir: str | Path, tag: str) -> list[float]:
-    """Values of one scalar tag from the TensorBoard event files under ``log_dir`` (step order)."""
+def event_accumulators(log_dir: str | Path) -> list:
+    """One loaded ``EventAccumulator`` (all scalars and tensors kept) per TensorBoard event file under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True))
     assert files, f"no TensorBoard event file under {log_dir}"
-    values = []
+    accs = []
     for f in files:
         ea = EventAccumulator(f, size_guidance={"scalars": 0, "tensors": 0})
         ea.Reload()
+        accs.append(ea)
+    return accs
+
+
+def scalars(log_dir: str | Path, tag: str) -> list[float]:
+    """Values of one scalar tag from the TensorBoard event files under ``log_dir`` (step order)."""
+    values = []
+    for ea in event_accumulators(log_dir):
         if tag in ea.Tags()["scalars"]:
             values += [(e.step, e.value) for e in ea.Scalars(tag)]
     return [v for _, v in sorted(values, key=lambda x: x[0])]

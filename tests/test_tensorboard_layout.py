@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, REPO, run_cli, scalars
+from conftest import CONFIGS, REPO, event_accumulators, run_cli, scalars
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -28,16 +28,7 @@ OBJECTIVES = {"TRRD": None, "GRPO": '[{"class_path": "rlad_pl.objectives.GRPO"}]
 
 
 def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True))
-    assert files, f"no event file under {log_dir}"
-    accs = []
-    for f in files:
-        ea = EventAccumulator(f, size_guidance={"scalars": 0, "tensors": 0})
-        ea.Reload()
-        accs.append(ea)
-    return accs
+    return event_accumulators(log_dir)
 
 
 def scalar_tags(log_dir) -> set[str]:

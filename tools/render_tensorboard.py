@@ -84,11 +84,16 @@ def tensorboard_server(logdir: str | Path, timeout: float = 60.0):
         _wait(lambda: not _dead(proc) and get_json(url + "/data/runs"), timeout, "tensorboard")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc) -> None:
+    """Terminate a child process, killing it if it does not exit within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _dead(proc) -> bool:
@@ -146,11 +151,7 @@ def screenshot(page_url: str, out: str | Path, chromium: str, width: int = 1600,
         with connect(targets[0]["webSocketDebuggerUrl"], max_size=64 * 2 ** 20, open_timeout=30) as ws:
             return _capture(_CDP(ws), page_url, out, width, height, timeout)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 
