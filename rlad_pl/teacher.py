@@ -62,6 +62,8 @@ class TeacherScorer:
     """
 
     provides: ClassVar[frozenset[str]] = TEACHER_INPUTS
+    #: the teacher is a model in the trainer, so it can also sample teacher-prefix responses
+    in_trainer: ClassVar[bool] = True
 
     def check(self, requires: frozenset[str], objective_names: list[str]) -> None:
         """Refuse inputs this backend cannot provide, naming the objectives that want them."""
@@ -70,6 +72,9 @@ class TeacherScorer:
             raise ConfigError(FIELD, f"{', '.join(objective_names)} needs {sorted(missing)}, which "
                               f"{type(self).__name__} cannot provide (it gives {sorted(self.provides)}); use "
                               "rlad_pl.teacher.LocalTeacher")
+        if TEACHER_PREFIXES in requires and not self.in_trainer:
+            raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
+                              "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
 
     def load(self, source, dtype: str, *, student_source=None, student_dtype: Optional[str] = None,
              lora=None) -> Optional[torch.nn.Module]:
@@ -161,6 +166,7 @@ class VLLMTeacher(TeacherScorer):
     """
 
     provides = frozenset({TEACHER_LOGPROBS})
+    in_trainer = False
 
     def __init__(self, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enforce_eager: bool = True,
@@ -191,12 +197,6 @@ class VLLMTeacher(TeacherScorer):
         self._hooked = False
         self._scoring: Optional[tuple[float, int]] = None  # (temperature, vocab) the worker hook computes
         self._owns_dist = False
-
-    def check(self, requires, objective_names):
-        super().check(requires, objective_names)
-        if TEACHER_PREFIXES in requires:
-            raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
-                              "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
 
     def load(self, source, dtype, *, student_source=None, student_dtype=None, lora=None):
         self.source, self.dtype = source, self.dtype or dtype
@@ -323,6 +323,7 @@ class ServerTeacher(TeacherScorer):
     """
 
     provides = frozenset({TEACHER_LOGPROBS})
+    in_trainer = False
 
     def __init__(self, url: str, model: Optional[str] = None, api_key_env: Optional[str] = None,
                  timeout: float = 60.0, retries: int = 2, batch_size: int = 32):
@@ -340,12 +341,6 @@ class ServerTeacher(TeacherScorer):
         self.source = None
         self._checked = False
         self._vocab: Optional[int] = None
-
-    def check(self, requires, objective_names):
-        super().check(requires, objective_names)
-        if TEACHER_PREFIXES in requires:
-            raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
-                              "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
 
     def load(self, source, dtype, *, student_source=None, student_dtype=None, lora=None):
         import json
