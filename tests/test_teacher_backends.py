@@ -58,6 +58,23 @@ def _teacher_logprobs(module, batch):
     module.annotate_rollouts(batch, need_old=False)
     return batch.teacher_logprobs
 
+def _vllm_minus_local(student, teacher, temperature: float, n: int, seed: int, label: str) -> float:
+    """Max |vLLM teacher - local teacher| log-prob over the response tokens of one rollout (engine closed after)."""
+    from rlad_pl.teacher import VLLMTeacher
+
+    local = _trrd_module(student, teacher, temperature=temperature)
+    remote = _trrd_module(student, teacher, VLLMTeacher(**ENGINE), temperature=temperature)
+    try:
+        batch = _rollout(local.tokenizer, n=n, seed=seed)
+        want = _teacher_logprobs(local, batch)
+        got = _teacher_logprobs(remote, _rollout(local.tokenizer, n=n, seed=seed))
+    finally:
+        remote.teacher_backend.close()
+    m = batch.response_mask > 0
+    diff = (got[m] - want[m]).abs().max().item()
+    print(f"\n{label}, T={temperature}: max |vllm - local| = {diff:.2e} over {int(m.sum())} tokens")
+    return diff
+
 
 def test_local_is_the_default_backend_and_scores_the_teacher_model():
     from rlad_pl.logprobs import response_logprobs
@@ -167,20 +184,9 @@ def test_vllm_teacher_scores_the_privileged_layout(tiny_pair):
 @needs_vllm
 @pytest.mark.vllm
 def test_vllm_teacher_logprobs_equal_local_on_the_demo_pair(tiny_pair):
-    from rlad_pl.teacher import VLLMTeacher
-
     tiny_pair[1].teacher_backend.close()  # one engine at a time
-    local = _trrd_module(ASSETS / "demo-student", ASSETS / "demo-teacher", temperature=0.8)
-    remote = _trrd_module(ASSETS / "demo-student", ASSETS / "demo-teacher", VLLMTeacher(**ENGINE), temperature=0.8)
-    try:
-        batch = _rollout(local.tokenizer, n=16, seed=5)
-        want = _teacher_logprobs(local, batch)
-        got = _teacher_logprobs(remote, _rollout(local.tokenizer, n=16, seed=5))
-    finally:
-        remote.teacher_backend.close()
-    m = batch.response_mask > 0
-    diff = (got[m] - want[m]).abs().max().item()
-    print(f"\ndemo pair, T=0.8: max |vllm - local| = {diff:.2e} over {int(m.sum())} tokens")
+    diff = _vllm_minus_local(ASSETS / "demo-student", ASSETS / "demo-teacher", 0.8, n=16, seed=5,
+                             label="demo pair")
     assert diff < LOGPROB_ATOL
 
 
@@ -342,21 +348,10 @@ def test_trrd_fit_through_the_cli_on_the_server_backend(teacher_server, tmp_path
 def test_vllm_teacher_logprobs_equal_local_on_smollm2():
     """SmolLM2-135M-Instruct (fp32, 49,152 tokens) as its own teacher: the same rollouts scored by both backends."""
     from rlad_pl.real_model import RealModelUnavailable, build_real_model
-    from rlad_pl.teacher import VLLMTeacher
 
     try:
         path = build_real_model(log=lambda msg: print(msg, flush=True))
     except RealModelUnavailable as e:
         pytest.skip(f"SmolLM2-135M-Instruct cannot be built: {e}")
-    local = _trrd_module(path, path, temperature=0.9)
-    remote = _trrd_module(path, path, VLLMTeacher(**ENGINE), temperature=0.9)
-    try:
-        batch = _rollout(local.tokenizer, n=6, seed=2)
-        want = _teacher_logprobs(local, batch)
-        got = _teacher_logprobs(remote, _rollout(local.tokenizer, n=6, seed=2))
-    finally:
-        remote.teacher_backend.close()
-    m = batch.response_mask > 0
-    diff = (got[m] - want[m]).abs().max().item()
-    print(f"\nSmolLM2-135M, T=0.9: max |vllm - local| = {diff:.2e} over {int(m.sum())} tokens")
+    diff = _vllm_minus_local(path, path, 0.9, n=6, seed=2, label="SmolLM2-135M")
     assert diff < LOGPROB_ATOL
