@@ -99,11 +99,8 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler", "teacher_backend"])
         self.automatic_optimization = False
-        if isinstance(max_consecutive_skipped_steps, bool) or not isinstance(max_consecutive_skipped_steps, int) \
-                or max_consecutive_skipped_steps < 1:
-            raise ConfigError("model.max_consecutive_skipped_steps",
-                              f"expected an integer >= 1, got {max_consecutive_skipped_steps!r}")
-        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.max_consecutive_skipped_steps = check_int("model.max_consecutive_skipped_steps",
+                                                       max_consecutive_skipped_steps)
         self.consecutive_skipped_steps = 0
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
         if isinstance(objectives, Objective):
