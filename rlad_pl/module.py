@@ -22,16 +22,19 @@ from torch import Tensor
 from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
+from rlad_pl.step_guard import StepGuard
 from rlad_pl.errors import ConfigError, warn_once
 from rlad_pl.validation import check_choice, check_float, check_int
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
+from rlad_pl.topk import check_top_k_vocab, requested_top_k
 from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
                             shared_vocab_size, warn_remote_code)
 from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
-                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
+                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode, Denominators, Objective,
+                                     StudentOutputs)
 
 #: value that replaces NaN / -inf teacher or reference log-probs (spec rlad-trrd.md section 10)
 LOGPROB_FLOOR = -20.0
@@ -99,9 +102,7 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler", "teacher_backend"])
         self.automatic_optimization = False
-        self.max_consecutive_skipped_steps = check_int("model.max_consecutive_skipped_steps",
-                                                       max_consecutive_skipped_steps)
-        self.consecutive_skipped_steps = 0
+        self.step_guard = StepGuard(max_consecutive_skipped_steps)
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
         if isinstance(objectives, Objective):
             objectives = [objectives]
@@ -151,7 +152,8 @@ class DistillationModule(L.LightningModule):
                               f"{type(teacher_backend).__name__}")
         self.teacher_backend = teacher_backend if teacher_backend is not None else LocalTeacher()
         if needs_teacher:  # what the objectives declare, against what the backend can compute: before any load
-            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives])
+            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives],
+                                       top_k=requested_top_k(self.objectives))
         # every name is checked (folder / hub cache / revision / config / weight headers) before any model loads
         hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
         student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
@@ -184,6 +186,7 @@ class DistillationModule(L.LightningModule):
                               load_causal_lm(student_src, "model.student", dtype, trainable=False))
         frozen = [m for m in (self.teacher, self.reference) if m is not None]
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
+        check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
         self.val_metric: Optional[MeanPassAtK] = None
         self.fsdp_mixed_precision = fsdp_mixed_precision
@@ -238,8 +241,7 @@ class DistillationModule(L.LightningModule):
         for k in [k for k in sd if k.startswith(("teacher.", "reference."))]:
             del sd[k]
         # training state outside the weights: counters, the skipped-step streak, objectives' own state (ReNIO's EMA)
-        checkpoint["rlad_pl"] = {"counters": dict(self.counters),
-                                 "consecutive_skipped_steps": self.consecutive_skipped_steps,
+        checkpoint["rlad_pl"] = {"counters": dict(self.counters), **self.step_guard.state_dict(),
                                  "objectives": [o.state_dict() for o in self.objectives]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -248,7 +250,7 @@ class DistillationModule(L.LightningModule):
             return
         self.counters.clear()
         self.counters.update(state.get("counters", {}))
-        self.consecutive_skipped_steps = int(state.get("consecutive_skipped_steps", 0))
+        self.step_guard.load_state_dict(state)
         saved = state.get("objectives", [])
         if len(saved) != len(self.objectives):
             raise ConfigError("ckpt_path", f"the checkpoint holds the state of {len(saved)} objectives, the config "
@@ -345,6 +347,10 @@ class DistillationModule(L.LightningModule):
             out.hidden, out.lm_head = hidden, head
         if TEACHER_HIDDEN in self.requires:
             out.teacher_hidden, out.teacher_lm_head = self.teacher_backend.hidden(batch)
+        if TEACHER_TOPK in self.requires:  # the largest teacher_top_k asked for; each objective truncates its own
+            out.teacher_topk = self.teacher_backend.topk(batch, k=requested_top_k(self.objectives),
+                                                         temperature=self.temperature, chunk_size=self.chunk_size,
+                                                         vocab_size=self.vocab_size)
         return out
 
     def compute_loss(self, batch: RolloutBatch, denom: Denominators) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -410,9 +416,12 @@ class DistillationModule(L.LightningModule):
                 sched = self.lr_schedulers()
                 if sched is not None:
                     sched.step()
-            self.consecutive_skipped_steps = 0
+            self.step_guard.step_taken()
         else:
-            self._skip_step(int(bad), len(step.micro_batches), bool(torch.isfinite(grad_norm)))
+            epoch = self.trainer.current_epoch if self._trainer is not None else 0
+            warning = self.step_guard.skip(self.counters, int(bad), len(step.micro_batches), epoch)
+            if warning and self.global_rank == 0:
+                print(warning, file=sys.stderr)
             opt.zero_grad(set_to_none=True)
         # a micro-batch loss is a partial sum over step-wide denominators: the step's loss is their sum
         logs = {k: torch.stack(v).sum() if k.endswith("/loss") else torch.stack(v).mean() for k, v in sums.items()}
@@ -431,23 +440,6 @@ class DistillationModule(L.LightningModule):
                  prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1) \
             if batch_idx == 0 and "rollout/reward_mean" in logs else None
         return loss_sum
-
-    def _skip_step(self, bad_micro_batches: int, micro_batches: int, grad_finite: bool) -> None:
-        """A non-finite step: no optimizer / scheduler step (parameters and optimizer state untouched), counted;
-        one warning line the first time; a ``ConfigError`` line after ``max_consecutive_skipped_steps`` in a row."""
-        self.counters["nonfinite/steps_skipped"] += 1
-        self.consecutive_skipped_steps += 1
-        epoch = self.trainer.current_epoch if self._trainer is not None else 0
-        why = (f"non-finite loss in {bad_micro_batches} micro-batch(es) of {micro_batches}"
-               if bad_micro_batches else "non-finite gradient norm")
-        if self.consecutive_skipped_steps >= self.max_consecutive_skipped_steps:
-            raise ConfigError("model.max_consecutive_skipped_steps",
-                              f"{self.consecutive_skipped_steps} optimizer steps in a row were skipped ({why}, "
-                              f"epoch {epoch}); stopping. The weights are those of the last finite step; check the "
-                              "learning rate, objectives and rewards")
-        if self.counters["nonfinite/steps_skipped"] == 1 and self.global_rank == 0:
-            print(f"rlad_pl: warning: skipped an optimizer step ({why}, epoch {epoch}): parameters and optimizer "
-                  "state unchanged; counted in nonfinite/steps_skipped", file=sys.stderr)
 
     def _log_samples(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
