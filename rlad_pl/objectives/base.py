@@ -36,13 +36,14 @@ TEACHER_LOGPROBS = "teacher_logprobs"  # frozen teacher at sampled tokens
 ENTROPY = "entropy"  # student token entropy, with gradient
 STUDENT_HIDDEN = "student_hidden"  # student final hidden states [N, R, H] (full-vocabulary losses)
 TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full-vocabulary losses)
+TEACHER_TOPK = "teacher_topk"  # teacher top-k ids / log-probs + tail per position (rlad_pl.topk.TeacherTopK)
 SAMPLER_LOGPROBS = "sampler_logprobs"  # log-probs reported by the inference engine (TIS correction); implies old
 TEACHER_PREFIXES = "teacher_prefixes"  # responses are sampled from the teacher, not the student (off-policy cells)
 PRIVILEGED_PROMPT = "privileged_prompt"  # the teacher scores the response after the privileged prompt (OPSD)
 DATASET_PREFIXES = "dataset_prefixes"  # responses are the task's reference solutions (supervised fine-tuning)
 KNOWN_REQUIREMENTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
-                                TEACHER_HIDDEN, SAMPLER_LOGPROBS, TEACHER_PREFIXES, PRIVILEGED_PROMPT,
-                                DATASET_PREFIXES})
+                                TEACHER_HIDDEN, TEACHER_TOPK, SAMPLER_LOGPROBS, TEACHER_PREFIXES,
+                                PRIVILEGED_PROMPT, DATASET_PREFIXES})
 
 
 @dataclass
@@ -106,6 +107,7 @@ class StudentOutputs:
     lm_head: Optional[torch.nn.Module] = None
     teacher_hidden: Optional[Tensor] = None  # [N, R, H_T], no gradient
     teacher_lm_head: Optional[torch.nn.Module] = None
+    teacher_topk: Optional[object] = None  # rlad_pl.topk.TeacherTopK (requires teacher_topk)
     vocab_size: Optional[int] = None  # shared tokenizer range for full-vocabulary losses
     temperature: float = 1.0
     step: int = 0  # optimizer steps taken so far (for coefficient schedules)

@@ -30,7 +30,8 @@ from rlad_pl.divergences import (chunked_divergence, clipped_forward_kl_lp, entr
                                  student_logprobs, teacher_logprobs)
 from rlad_pl.errors import ConfigError
 from rlad_pl.objectives.base import (DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES,
-                                     StudentOutputs, TokenObjective, masked_mean)
+                                     TEACHER_TOPK, StudentOutputs, TokenObjective, masked_mean)
+from rlad_pl.topk import check_top_k_value, chunked_topk_divergence, student_buckets
 
 Divergence = Literal["forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward"]
 PrefixSource = Literal["student", "teacher", "dataset"]
@@ -54,10 +55,16 @@ class TokenKL(TokenObjective):
         prefix_source: ``student`` (on-policy rollouts) or ``teacher`` (the data module samples the responses from
             the teacher; adds ``teacher_prefixes`` to ``requires``) or ``dataset`` (the task's reference solutions,
             outside the 2x2; adds ``dataset_prefixes``).
+        teacher_top_k: null (default): the exact full-vocabulary divergence from the teacher's hidden states
+            (``requires teacher_hidden``). An integer k: ``D`` over k + 1 buckets, the teacher's top-k tokens per
+            position plus one tail bucket for its remaining mass (``requires teacher_topk``, which every teacher
+            backend provides, vLLM / server included; ``rlad_pl.topk``); k = vocabulary size is the exact value.
         chunk_size: response positions per LM-head chunk (peak memory ~ ``chunk_size * V * 4 bytes * a few``).
         log_stats: also log the token-mean FKL, RKL and student entropy (a few extra elementwise ops per chunk).
 
-    Metrics: ``divergence`` (token mean of ``v``), and with ``log_stats`` ``fkl``, ``rkl``, ``entropy``.
+    Metrics: ``divergence`` (token mean of ``v``), and with ``log_stats`` ``fkl``, ``rkl``, ``entropy``; with
+    ``teacher_top_k`` also ``tail_mass`` (token mean of the teacher's mass outside its top-k). With top-k, ``fkl`` /
+    ``rkl`` are over the buckets and ``entropy`` is the student's full-vocabulary entropy.
     """
 
     requires = frozenset({STUDENT_HIDDEN, TEACHER_HIDDEN})
@@ -66,9 +73,13 @@ class TokenKL(TokenObjective):
     def __init__(self, divergence: Divergence = "forward", kl_mix_lambda: float = 0.25, jsd_beta: float = 0.5,
                  skew_alpha: float = 0.1, clip_kappa: Optional[float] = 0.05, clip_lower: Optional[float] = 0.0,
                  prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 teacher_top_k: Optional[int] = None):
         super().__init__(weight=weight, name=name, loss_agg=loss_agg)
         n = self.name
+        self.teacher_top_k = check_top_k_value(f"{n}.teacher_top_k", teacher_top_k)
+        if self.teacher_top_k is not None:
+            self.requires = frozenset({STUDENT_HIDDEN, TEACHER_TOPK})
         if divergence not in DIVERGENCES:
             raise ConfigError(f"{n}.divergence", f"expected one of {', '.join(DIVERGENCES)}, got '{divergence}'")
         for key, value in (("kl_mix_lambda", kl_mix_lambda), ("jsd_beta", jsd_beta)):
@@ -123,7 +134,44 @@ class TokenKL(TokenObjective):
             lq = logq.detach()
             return value, forward_kl_lp(lq, logp), reverse_kl_lp(lq, logp), entropy_lp(lq)
 
+    def topk_chunk_fn(self, z_s: Tensor, ids: Tensor, logp_b: Tensor):
+        """As ``chunk_fn`` over the k + 1 buckets (``rlad_pl.topk``): the student's full log-probs at the teacher's
+        ids plus its tail, against the teacher's bucket log-probs ``logp_b``; ``entropy`` over the full vocabulary."""
+        logq = student_logprobs(z_s)
+        logq_b = student_buckets(logq, ids)
+        value = self.divergence_lp(logq_b, logp_b)
+        if not self.log_stats:
+            return value
+        with torch.no_grad():
+            lq = logq_b.detach()
+            return value, forward_kl_lp(lq, logp_b), reverse_kl_lp(lq, logp_b), entropy_lp(logq.detach())
+
+    def per_token_topk(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """``per_token`` from the teacher's top-k (``teacher_top_k`` set)."""
+        if out.hidden is None or out.lm_head is None or out.teacher_topk is None:
+            raise ValueError(f"{self.name}: needs the student hidden states, LM head and the teacher's top-k "
+                             "(requires student_hidden and teacher_topk)")
+        topk = out.teacher_topk
+        if topk.k < self.teacher_top_k:
+            raise ValueError(f"{self.name}: teacher_topk has k = {topk.k}, this objective asks for "
+                             f"{self.teacher_top_k}")
+        topk = topk.truncate(self.teacher_top_k)
+        mask = batch.response_mask
+        res = chunked_topk_divergence(out.hidden, out.lm_head.weight, topk, self.topk_chunk_fn,
+                                      chunk_size=self.chunk_size, vocab_size=out.vocab_size,
+                                      temperature=out.temperature, student_bias=getattr(out.lm_head, "bias", None),
+                                      mask=mask)
+        values = res[0] if self.log_stats else res
+        metrics = {"divergence": masked_mean(values, mask),
+                   "tail_mass": masked_mean(topk.buckets()[..., -1].exp().to(values.device), mask)}
+        if self.log_stats:
+            metrics.update({"fkl": masked_mean(res[1], mask), "rkl": masked_mean(res[2], mask),
+                            "entropy": masked_mean(res[3], mask)})
+        return values, metrics
+
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.teacher_top_k is not None:
+            return self.per_token_topk(batch, out)
         if out.hidden is None or out.lm_head is None or out.teacher_hidden is None or out.teacher_lm_head is None:
             raise ValueError(f"{self.name}: needs the student and teacher hidden states and LM heads "
                              "(requires student_hidden and teacher_hidden)")
@@ -140,7 +188,8 @@ class TokenKL(TokenObjective):
         return values, metrics
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(divergence={self.divergence}, prefix_source={self.prefix_source}, "
+        top_k = "" if self.teacher_top_k is None else f", teacher_top_k={self.teacher_top_k}"
+        return (f"{type(self).__name__}(divergence={self.divergence}, prefix_source={self.prefix_source}{top_k}, "
                 f"weight={self.weight}, loss_agg={self.loss_agg})")
 
 
@@ -148,18 +197,20 @@ class ForwardKL(TokenKL):
     """``v_t = KL(p || q) = sum_v p (log p - log q)`` (cells A with teacher prefixes, B with student prefixes)."""
 
     def __init__(self, prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 teacher_top_k: Optional[int] = None):
         super().__init__("forward", prefix_source=prefix_source, chunk_size=chunk_size, log_stats=log_stats,
-                         weight=weight, name=name, loss_agg=loss_agg)
+                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k)
 
 
 class ReverseKL(TokenKL):
     """``v_t = KL(q || p) = sum_v q (log q - log p)`` (cells C with teacher prefixes, D = full-vocab OPD)."""
 
     def __init__(self, prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 teacher_top_k: Optional[int] = None):
         super().__init__("reverse", prefix_source=prefix_source, chunk_size=chunk_size, log_stats=log_stats,
-                         weight=weight, name=name, loss_agg=loss_agg)
+                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k)
 
 
 class KLMix(TokenKL):
@@ -167,9 +218,10 @@ class KLMix(TokenKL):
 
     def __init__(self, kl_mix_lambda: float = 0.25, prefix_source: PrefixSource = "student", chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
         super().__init__("mix", kl_mix_lambda=kl_mix_lambda, prefix_source=prefix_source, chunk_size=chunk_size,
-                         log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg)
+                         log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
+                         teacher_top_k=teacher_top_k)
 
 
 class GKDJSD(TokenKL):
@@ -177,9 +229,10 @@ class GKDJSD(TokenKL):
 
     def __init__(self, jsd_beta: float = 0.5, prefix_source: PrefixSource = "student", chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
         super().__init__("jsd", jsd_beta=jsd_beta, prefix_source=prefix_source, chunk_size=chunk_size,
-                         log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg)
+                         log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
+                         teacher_top_k=teacher_top_k)
 
 
 class SkewKL(TokenKL):
@@ -190,8 +243,10 @@ class SkewKL(TokenKL):
 
     def __init__(self, skew_alpha: float = 0.1, direction: Literal["forward", "reverse"] = "forward",
                  prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 teacher_top_k: Optional[int] = None):
         if direction not in ("forward", "reverse"):
             raise ConfigError(f"{name or 'skewkl'}.direction", f"expected 'forward' or 'reverse', got '{direction}'")
         super().__init__(f"skew_{direction}", skew_alpha=skew_alpha, prefix_source=prefix_source,
-                         chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg)
+                         chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
+                         teacher_top_k=teacher_top_k)

@@ -25,12 +25,14 @@ class OPSD(TokenKL):
     Args:
         clip_kappa: per-entry upper clip (release: 0.05 for 1.7B / 4B / OPD, 0.06 for 8B); null: none.
         clip_lower: per-entry lower clip (release: 0); null: none (then with ``clip_kappa: null`` this is plain FKL).
-        chunk_size, log_stats, weight, name, loss_agg: as in ``TokenKL``.
+        chunk_size, log_stats, weight, name, loss_agg, teacher_top_k: as in ``TokenKL`` (``teacher_top_k``: the
+            clipped FKL over the teacher's top-k + tail buckets, e.g. on a vLLM teacher).
     """
 
     def __init__(self, clip_kappa: Optional[float] = 0.05, clip_lower: Optional[float] = 0.0, chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
         super().__init__("clipped_forward", clip_kappa=clip_kappa, clip_lower=clip_lower, prefix_source="student",
-                         chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg)
+                         chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
+                         teacher_top_k=teacher_top_k)
         self.requires = self.requires | {PRIVILEGED_PROMPT}
