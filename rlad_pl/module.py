@@ -29,10 +29,12 @@ from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_l
 from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
+from rlad_pl.topk import check_top_k_vocab, requested_top_k
 from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
                             shared_vocab_size, warn_remote_code)
 from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
-                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, AggMode, Denominators, Objective, StudentOutputs)
+                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode, Denominators, Objective,
+                                     StudentOutputs)
 
 #: value that replaces NaN / -inf teacher or reference log-probs (spec rlad-trrd.md section 10)
 LOGPROB_FLOOR = -20.0
@@ -150,7 +152,8 @@ class DistillationModule(L.LightningModule):
                               f"{type(teacher_backend).__name__}")
         self.teacher_backend = teacher_backend if teacher_backend is not None else LocalTeacher()
         if needs_teacher:  # what the objectives declare, against what the backend can compute: before any load
-            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives])
+            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives],
+                                       top_k=requested_top_k(self.objectives))
         # every name is checked (folder / hub cache / revision / config / weight headers) before any model loads
         hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
         student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
@@ -183,6 +186,7 @@ class DistillationModule(L.LightningModule):
                               load_causal_lm(student_src, "model.student", dtype, trainable=False))
         frozen = [m for m in (self.teacher, self.reference) if m is not None]
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
+        check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
         self.val_metric: Optional[MeanPassAtK] = None
         self.fsdp_mixed_precision = fsdp_mixed_precision
@@ -343,6 +347,10 @@ class DistillationModule(L.LightningModule):
             out.hidden, out.lm_head = hidden, head
         if TEACHER_HIDDEN in self.requires:
             out.teacher_hidden, out.teacher_lm_head = self.teacher_backend.hidden(batch)
+        if TEACHER_TOPK in self.requires:  # the largest teacher_top_k asked for; each objective truncates its own
+            out.teacher_topk = self.teacher_backend.topk(batch, k=requested_top_k(self.objectives),
+                                                         temperature=self.temperature, chunk_size=self.chunk_size,
+                                                         vocab_size=self.vocab_size)
         return out
 
     def compute_loss(self, batch: RolloutBatch, denom: Denominators) -> tuple[Tensor, dict[str, Tensor], Tensor]:
