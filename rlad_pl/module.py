@@ -24,9 +24,9 @@ from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.step_guard import StepGuard
 from rlad_pl.errors import ConfigError, warn_once
+from rlad_pl.evaluation import EvaluationHooks
 from rlad_pl.validation import check_choice, check_float, check_int
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
-from rlad_pl.metrics import MeanPassAtK
 from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
 from rlad_pl.topk import check_top_k_vocab, requested_top_k
@@ -44,7 +44,7 @@ def _default_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(EvaluationHooks, L.LightningModule):
     """Student + frozen teacher + objectives.
 
     Args:
@@ -188,7 +188,7 @@ class DistillationModule(L.LightningModule):
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
         check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
-        self.val_metric: Optional[MeanPassAtK] = None
+        self.val_metric = None  # EvaluationHooks: set in setup
         self.fsdp_mixed_precision = fsdp_mixed_precision
         # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
         self.register_state_dict_post_hook(_drop_frozen_keys)
@@ -224,8 +224,7 @@ class DistillationModule(L.LightningModule):
             check_group_sampling(group_objs, sampling)
         if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
             self.temperature = float(sampling.temperature)
-        if hasattr(dm, "buckets"):
-            self.val_metric = MeanPassAtK(dm.val_k, dm.pass_k, dm.buckets("val" if stage != "test" else "test"))
+        self._setup_eval(dm, stage)
 
     def teardown(self, stage: str) -> None:
         self.teacher_backend.close()  # an engine-backed teacher frees its engine (a later scoring restarts it)
@@ -430,79 +429,8 @@ class DistillationModule(L.LightningModule):
                      "train/tokens": torch.tensor(denom.num_tokens),
                      "timing/train_step": torch.tensor(time.perf_counter() - t0)})
         logs.update({k: torch.tensor(v) for k, v in self.counters.items()})
-        if batch_idx == 0 and self._has_dm():
-            logs.update({k: torch.tensor(float(v)) for k, v in self.trainer.datamodule.rollout_stats.items()})
-            self._log_samples()
-        for op, keys in _cross_rank_ops(logs).items():  # partial sums add up across ranks, maxima take the max
-            self.log_dict({k: logs[k].to(self.device) for k in keys}, on_step=True, on_epoch=False, prog_bar=False,
-                          sync_dist=self.trainer.world_size > 1, reduce_fx=op)
-        self.log("reward", logs.get("rollout/reward_mean", torch.tensor(float("nan"))).to(self.device),
-                 prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1) \
-            if batch_idx == 0 and "rollout/reward_mean" in logs else None
+        self._log_train(logs, batch_idx)
         return loss_sum
-
-    def _log_samples(self) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        samples = self.trainer.datamodule.samples
-        if not samples or self.global_rank != 0:
-            return
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                text = "\n\n".join(f"**prompt** `{p}`  \n**response** `{c}`  \n**reward** {r:.3f}"
-                                   for p, c, r in samples)
-                logger.experiment.add_text("rollouts/samples", text, self.global_step)
-
-    # ------------------------------------------------------------------------------------------ evaluation
-    def _eval_step(self, problems) -> None:
-        dm = self.trainer.datamodule
-        res = dm.evaluate(problems)
-        correct = res.scores >= dm.correct_threshold
-        idx = torch.tensor([self.val_metric.bucket_index(d) for d in res.difficulties], dtype=torch.long)
-        self.val_metric.update(correct.to(self.device), idx.to(self.device))
-        self._eval_lengths.append(res.lengths.mean())
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_lengths = []
-
-    def validation_step(self, problems, batch_idx: int) -> None:
-        self._eval_step(problems)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def test_step(self, problems, batch_idx: int) -> None:
-        self._eval_step(problems)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def _log_eval(self, prefix: str) -> None:
-        if self.val_metric is None:
-            return
-        values = self.val_metric.compute()
-        self.val_metric.reset()
-        logs = {f"{prefix}/{k}": v for k, v in values.items()}
-        if self._eval_lengths:
-            logs[f"{prefix}/response_length_mean"] = torch.stack(self._eval_lengths).mean()
-        self.log_dict({k: v.to(self.device) for k, v in logs.items()}, sync_dist=True)
-
-
-def _cross_rank_ops(logs: dict) -> dict[str, list[str]]:
-    """How each logged value combines across ranks: ``sum`` for partial sums (losses over step-wide denominators,
-    counters), ``max`` for maxima, ``mean`` for per-rank means over equal-sized rollouts (rewards, fractions)."""
-    ops: dict[str, list[str]] = defaultdict(list)
-    for k in logs:
-        if k.endswith("/loss") or k.startswith("nonfinite/") or k in ("rollout/prompt_truncated",
-                                                                        "rollout/teacher_cache_hits"):
-            ops["sum"].append(k)
-        elif k.endswith("_max"):
-            ops["max"].append(k)
-        else:
-            ops["mean"].append(k)
-    return ops
 
 
 #: below these, sampling is near-greedy: a group's responses are (nearly) identical
