@@ -260,6 +260,12 @@ def seconds_per_step(rec: dict, steps: int, warmup: int) -> float:
     return (t[steps - 1] - t[warmup - 1]) / (steps - warmup)
 
 
+def median_step(rec: dict, warmup: int) -> float:
+    """Median duration of the timed steps: less sensitive than the mean to bursts of load on a shared machine."""
+    t = rec["times"]
+    return statistics.median(b - a for a, b in zip(t[warmup - 1:], t[warmup:]))
+
+
 def bench(w: Workload, args, tmp: Path) -> dict:
     """All repetitions of one workload, sides interleaved; returns the numbers the report prints."""
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -272,6 +278,7 @@ def bench(w: Workload, args, tmp: Path) -> dict:
             t0 = time.perf_counter()
             rec = launch(job, args.in_process, work / "log.txt")
             rec["sps"] = seconds_per_step(rec, args.steps, args.warmup)
+            rec["median_step"] = median_step(rec, args.warmup)
             runs[side].append(rec)
             print(f"  {w.name} rep {rep + 1} {side:7}: {rec['sps']:.3f} s/step ({time.perf_counter() - t0:.0f} s "
                   f"with start-up), load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -290,21 +297,24 @@ def report(res: dict, args) -> list[str]:
              f"{w.micro_batch}, lr {w.lr:g}, {args.steps} steps (timed after {args.warmup} warm-up), {args.reps} "
              f"interleaved repetitions, {args.threads} threads"]
     lines += [f"  {s:7} does: {DOES[(w.name, s)]}" for s in SIDES]
-    lines.append(f"  {'':34}{'rlad_pl':>10}{'TRL':>10}")
+    lines.append(f"  {'':34}{'rlad_pl':>12}{'TRL':>12}")
     for rep in range(args.reps):
-        lines.append(f"  {f'seconds per step, rep {rep + 1}':34}" + "".join(f"{runs[s][rep]['sps']:10.3f}"
+        lines.append(f"  {f'seconds per step, rep {rep + 1}':34}" + "".join(f"{runs[s][rep]['sps']:12.3f}"
                                                                           for s in SIDES))
-    lines.append(f"  {'seconds per step, median':34}" + "".join(f"{med[s]:10.3f}" for s in SIDES))
+    lines.append(f"  {'seconds per step, median':34}" + "".join(f"{med[s]:12.3f}" for s in SIDES))
+    robust = {s: statistics.median(r["median_step"] for r in runs[s]) for s in SIDES}
+    lines.append(f"  {'median single step (robust)':34}" + "".join(f"{robust[s]:12.3f}" for s in SIDES))
     per_step = lambda s, key: _mean([_mean([x[key] for x in r["rollouts"]]) for r in runs[s]])  # noqa: E731
-    lines.append(f"  {'sequences per step':34}" + "".join(f"{per_step(s, 'sequences'):10.0f}" for s in SIDES))
-    lines.append(f"  {'completion tokens per step (mean)':34}" + "".join(f"{per_step(s, 'tokens'):10.0f}"
+    lines.append(f"  {'sequences per step':34}" + "".join(f"{per_step(s, 'sequences'):12.0f}" for s in SIDES))
+    lines.append(f"  {'completion tokens per step (mean)':34}" + "".join(f"{per_step(s, 'tokens'):12.0f}"
                                                                          for s in SIDES))
-    lines.append(f"  {'optimizer steps per run':34}" + "".join(f"{runs[s][0]['steps'][-1]:10d}" for s in SIDES))
-    lines.append(f"  {'rollouts per run':34}" + "".join(f"{len(runs[s][0]['rollouts']):10d}" for s in SIDES))
-    lines.append(f"  {'dtype, threads':34}" + "".join(f"{runs[s][0]['dtype'] + ', ' + str(runs[s][0]['threads']):>10}"
+    lines.append(f"  {'optimizer steps per run':34}" + "".join(f"{runs[s][0]['steps'][-1]:12d}" for s in SIDES))
+    lines.append(f"  {'rollouts per run':34}" + "".join(f"{len(runs[s][0]['rollouts']):12d}" for s in SIDES))
+    lines.append(f"  {'dtype, threads':34}" + "".join(f"{runs[s][0]['dtype'] + ', ' + str(runs[s][0]['threads']):>12}"
                                                        for s in SIDES))
     lines.append(f"{w.name} ratio rlad_pl / TRL: {med['rlad_pl'] / med['TRL']:.2f}x "
                  f"({med['rlad_pl']:.3f} s vs {med['TRL']:.3f} s per step)")
+    lines.append(f"{w.name} ratio of median single steps rlad_pl / TRL: {robust['rlad_pl'] / robust['TRL']:.2f}x")
     lines.append(f"{w.name} reward curve (per-step mean reward, mean over repetitions): step, rlad_pl, TRL")
     curve = {s: [_mean([r["rollouts"][k]["reward"] for r in runs[s]]) for k in range(args.steps)] for s in SIDES}
     lines += [f"  {k + 1:4d} {curve['rlad_pl'][k]:8.3f} {curve['TRL'][k]:8.3f}" for k in range(args.steps)]
