@@ -326,9 +326,12 @@ def report(res: dict, args) -> list[str]:
 
 
 def git_head() -> str:
+    """Short HEAD, plus the package files that differ from it (the runs import the working tree)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.split()
+        dirty = git("diff", "--name-only", "HEAD", "--", "rlad_pl")
+        return git("rev-parse", "--short", "HEAD")[0] + (f" + uncommitted {' '.join(dirty)}" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
