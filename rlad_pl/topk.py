@@ -108,8 +108,8 @@ def chunked_topk(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tenso
         tails.append(t)
     n, r = hidden.shape[:2]
     if not ids:
-        return TeacherTopK(hidden.new_zeros((n, r, k), dtype=torch.long),
-                           hidden.new_zeros((n, r, k), dtype=torch.float32), hidden.new_zeros((n, r), dtype=torch.float32))
+        zeros = hidden.new_zeros((n, r, k), dtype=torch.float32)
+        return TeacherTopK(zeros.long(), zeros, zeros[..., 0])
     return TeacherTopK(torch.cat(ids, 1), torch.cat(values, 1), torch.cat(tails, 1))
 
 
@@ -206,4 +206,5 @@ def check_top_k_vocab(objectives: Iterable, vocab_size: int) -> None:
 
 
 __all__ = ["TeacherTopK", "tail_from_topk", "topk_from_logprobs", "student_buckets", "chunked_topk",
-           "topk_from_entries", "chunked_topk_divergence", "requested_top_k", "objective_top_k", "check_top_k_value", "check_top_k_vocab"]
+           "topk_from_entries", "chunked_topk_divergence", "requested_top_k", "objective_top_k", "check_top_k_value",
+           "check_top_k_vocab"]
