@@ -17,6 +17,9 @@ Three uses of the base weights without a second copy:
   not modified and no second full copy exists (consumers bucket the stream: vLLM sync, unsharded copies, export).
 * :func:`save_merged` / :func:`save_adapter` write the merged model (loadable by ``transformers`` and vLLM) and the
   adapter folder (loadable by ``peft.PeftModel.from_pretrained``).
+
+:func:`adapter_named_tensors` is the adapter alone in PEFT checkpoint names, for engines that apply LoRA themselves
+(``VLLMSampler(lora_sync="adapter")``).
 """
 
 from __future__ import annotations
@@ -254,6 +257,34 @@ def sync_named_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
     if is_lora(model):
         return merged_named(model, model.named_parameters())
     return model.named_parameters()
+
+
+def adapter_config(model: nn.Module) -> tuple[str, Any]:
+    """``(adapter name, LoraConfig)`` of a LoRA student's single active adapter (``ConfigError`` otherwise)."""
+    active = {a for _, m in lora_layers(model) for a in m.active_adapters}
+    configs = getattr(model, "peft_config", None) or {}
+    if len(active) != 1 or next(iter(active)) not in configs:
+        raise ConfigError("model.lora", f"expected one active LoRA adapter, found {sorted(active)}")
+    name = next(iter(active))
+    return name, configs[name]
+
+
+def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The active adapter's ``lora_A`` / ``lora_B`` parameters in PEFT checkpoint names without the
+    ``base_model.model.`` prefix (``layers.0.q_proj.lora_A.default.weight`` -> ``layers.0.q_proj.lora_A.weight``),
+    as ``adapter_model.safetensors`` holds them. DTensors pass through (the consumer gathers them)."""
+    adapter, _ = adapter_config(model)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") and parts[-2] == adapter:
+            yield ".".join(parts[:-2] + parts[-1:]), p
+
+
+def non_adapter_trainables(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that are not ``lora_A`` / ``lora_B`` (e.g. biases under ``bias: all``): an
+    adapter-only sync would leave them stale in the engine."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and not any(c in n.split(".") for c in ("lora_A", "lora_B"))]
 
 
 def export_state_items(model: Any) -> Iterator[tuple[str, Tensor]]:

