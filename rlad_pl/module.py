@@ -23,8 +23,9 @@ from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.step_guard import StepGuard
-from rlad_pl.errors import ConfigError, warn_once
+from rlad_pl.errors import ConfigError
 from rlad_pl.evaluation import EvaluationHooks
+from rlad_pl.module_checks import check_groups, check_objectives, check_optimizer
 from rlad_pl.validation import check_choice, check_float, check_int
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.rollout.mismatch import logprob_mismatch
@@ -104,24 +105,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.automatic_optimization = False
         self.step_guard = StepGuard(max_consecutive_skipped_steps)
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
-        if isinstance(objectives, Objective):
-            objectives = [objectives]
-        if not objectives:
-            raise ConfigError("model.objectives", "expected at least one Objective")
-        for i, obj in enumerate(objectives):
-            if not isinstance(obj, Objective):
-                raise ConfigError(f"model.objectives[{i}]", f"expected an rlad_pl Objective, got {type(obj).__name__}")
-            unknown = set(obj.requires) - _known_requirements()
-            if unknown:
-                raise ConfigError(f"model.objectives[{i}]", f"{type(obj).__name__} requires unknown inputs "
-                                  f"{sorted(unknown)}")
-            for key, value in vars(obj).items():  # a NaN coefficient passes every "< 0" check and poisons the loss
-                if isinstance(value, float) and math.isnan(value):
-                    raise ConfigError(f"{obj.name}.{key}", "expected a number, got nan")
-            if obj.loss_agg is None:
-                obj.loss_agg = loss_agg
-        self.objectives = list(objectives)
-        check_unique_names(self.objectives)
+        self.objectives = check_objectives(objectives, loss_agg)
         self.requires = frozenset().union(*(o.requires for o in self.objectives))
         # a negative clip would flip the gradient's sign, 0 would zero it: positive or None (no clipping)
         if grad_clip is not None:
@@ -215,13 +199,8 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        group_objs = [type(o).__name__ for o in self.objectives if o.needs_groups]
-        if group_objs and getattr(dm, "group_size", 2) < 2:
-            raise ConfigError("data.group_size", f"{', '.join(group_objs)} normalizes advantages within a group "
-                              f"of responses and needs group_size >= 2, got {dm.group_size}")
+        check_groups(self.objectives, dm)
         sampling = getattr(dm, "sampling", None)
-        if group_objs and sampling is not None:
-            check_group_sampling(group_objs, sampling)
         if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
             self.temperature = float(sampling.temperature)
         self._setup_eval(dm, stage)
@@ -433,67 +412,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         return loss_sum
 
 
-#: below these, sampling is near-greedy: a group's responses are (nearly) identical
-NEAR_GREEDY_TEMPERATURE, NEAR_GREEDY_TOP_P = 0.1, 0.1
-
-
-def check_group_sampling(group_objs: list[str], sampling) -> None:
-    """Group-normalized advantages need different responses within a group. Greedy decoding (temperature 0) makes
-    every group identical, so every advantage is 0 and nothing trains: an error. Near-greedy sampling (temperature
-    or top_p below 0.1) is legal but mostly gives zero-variance groups: one warning line."""
-    names = ", ".join(group_objs)
-    if sampling.temperature == 0:
-        raise ConfigError("data.sampling.temperature", f"{names} normalizes advantages within a group; greedy "
-                          "decoding (temperature 0) gives identical responses, all-zero advantages and no update; "
-                          "expected a temperature > 0 (e.g. 1.0)")
-    if sampling.temperature < NEAR_GREEDY_TEMPERATURE or sampling.top_p < NEAR_GREEDY_TOP_P:
-        warn_once("data.sampling", f"temperature={sampling.temperature:g}, top_p={sampling.top_p:g} is near-greedy: "
-                  f"{names} will see many zero-variance groups (watch rollout/zero_variance_groups)")
-
-
-def check_unique_names(objectives: list[Objective]) -> None:
-    """Two objectives with one ``name`` would log into (and overwrite) the same metrics."""
-    seen: dict[str, int] = {}
-    for i, obj in enumerate(objectives):
-        if obj.name in seen:
-            raise ConfigError(f"model.objectives[{i}].init_args.name", f"objectives {seen[obj.name]} and {i} are both "
-                              f"named '{obj.name}' (their metrics would overwrite each other); give each a distinct name")
-        seen[obj.name] = i
-
-
-def check_optimizer(optimizer, lr_scheduler) -> None:
-    """Build the optimizer (and scheduler) factory on a dummy parameter so that a bad ``init_args`` value fails at
-    construction, naming the field, instead of in ``configure_optimizers`` after the models are loaded. Every
-    param group's ``lr`` must be a finite number > 0 (``inf`` turns the weights into NaN, 0 trains nothing)."""
-    probe = torch.nn.Parameter(torch.zeros(1))
-    try:
-        opt = optimizer([probe])
-    except (ValueError, TypeError, RuntimeError) as e:
-        words = {"learning rate": "lr", "weight_decay": "weight_decay", "beta": "betas", "epsilon": "eps",
-                 "eps": "eps", "momentum": "momentum", "dampening": "dampening", "alpha": "alpha"}
-        key = next((k for w, k in words.items() if w in str(e).lower()), None)
-        raise ConfigError("model.optimizer.init_args" + (f".{key}" if key else ""), f"{e}") from None
-    for group in opt.param_groups:
-        lr = group.get("lr")
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-        if lr is not None:
-            check_float("model.optimizer.init_args.lr", lr, low=0.0, low_open=True)
-        for key in ("weight_decay", "eps", "momentum"):
-            if isinstance(group.get(key), float):
-                check_float(f"model.optimizer.init_args.{key}", group[key])
-    if lr_scheduler is not None:
-        try:
-            lr_scheduler(opt)
-        except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
-            raise ConfigError("model.lr_scheduler.init_args", f"{type(e).__name__}: {e}") from None
-
-
 def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:
     for k in [k for k in state_dict if k.startswith((prefix + "teacher.", prefix + "reference."))]:
         del state_dict[k]
 
-
-def _known_requirements() -> frozenset[str]:
-    from rlad_pl.objectives.base import KNOWN_REQUIREMENTS
-
-    return KNOWN_REQUIREMENTS
