@@ -27,6 +27,17 @@ Methods (objectives as in ``rlad_pl.objectives``; the papers' default hyper-para
     KL-mix         0.25 reverse + 0.75 forward KL at student prefixes
     TRRD           RLAD's trust-region ratio distillation, alpha 0.5, teacher clamp 1 (the demo's own objective)
     ReNIO-OPD      ReNIO sample weights (tau 0.8, c 2.5) around sampled-token OPD
+
+Variants (docs/study): KDRL-5e-3 (kd_coef 5e-3), KDRL-anneal (5e-3 -> 1e-3 linearly over 40 steps, KDRL's
+schedule), TRRD-0.3 / TRRD-0.7 (alpha), TRRD-noclamp (no teacher log-ratio clamp), ReNIO-OPD-c3 (the paper's
+default c 3.0).
+
+Study mode (docs/study/README.md): ``--val-every N`` validates every N rollout batches (learning curves); the report
+adds Mean@k at equal wall time (each run's validation curve read at the mean training time of the fastest method,
+linear between validation points), a significance table (Welch's t-test over seeds on the change of Mean@k from
+step 0, overall and on the "hard" levels where the student starts below 20 %), and per-method diagnostics
+(teacher log-ratio, TRRD clamp / clip fractions, ReNIO pivotal-token statistics). ``--eval-models A B`` only
+measures models (Mean@8 / Pass@8 at T=1 on 64 validation problems per level of the config's task).
 """
 
 from __future__ import annotations
@@ -60,6 +71,24 @@ METHODS: dict[str, list[dict]] = {
     "ReNIO-OPD": [{"class_path": OBJ + "ReNIO", "init_args": {"inner": {"class_path": OBJ + "OPDSampled"},
                                                                "tau": 0.8, "c": 2.5}}],
 }
+KD, TR, REN = METHODS["KDRL"][0]["init_args"], METHODS["TRRD"][0]["init_args"], METHODS["ReNIO-OPD"][0]["init_args"]
+VARIANTS: dict[str, list[dict]] = {
+    "KDRL-5e-3": [{"class_path": OBJ + "KDRL", "init_args": {**KD, "kd_coef": 5e-3}}],
+    "KDRL-anneal": [{"class_path": OBJ + "KDRL", "init_args": {**KD, "kd_coef": 5e-3, "kd_coef_end": 1e-3,
+                                                                "kd_anneal_steps": 40}}],
+    "TRRD-0.3": [{"class_path": OBJ + "TRRD", "init_args": {**TR, "alpha": 0.3}}],
+    "TRRD-0.7": [{"class_path": OBJ + "TRRD", "init_args": {**TR, "alpha": 0.7}}],
+    "TRRD-noclamp": [{"class_path": OBJ + "TRRD", "init_args": {**TR, "teacher_clamp": None}}],
+    "ReNIO-OPD-c3": [{"class_path": OBJ + "ReNIO", "init_args": {**REN, "c": 3.0}}],
+}
+METHODS.update(VARIANTS)
+#: pairs whose significance the study reports besides "every method vs GRPO" (when both ran)
+PAIRS = [("TRRD", "KDRL"), ("TRRD", "OPD"), ("KDRL", "OPD"), ("ReNIO-OPD", "OPD"), ("OPD-full", "TRRD"),
+         ("OPD-full", "OPD"), ("TRRD-0.3", "TRRD"), ("TRRD-0.7", "TRRD"), ("TRRD-noclamp", "TRRD"),
+         ("KDRL-5e-3", "KDRL"), ("KDRL-anneal", "KDRL"), ("FKL", "OPD-full"), ("KL-mix", "OPD-full")]
+#: per-step metrics averaged over a run for the diagnostics table (matched as tag suffixes)
+DIAGNOSTICS = ("zero_variance_groups", "reverse_kl_sampled", "teacher_log_ratio_mean", "teacher_clamp_frac", "clip_frac_low",
+               "clip_frac_high", "pivotal_frac", "samples_with_pivotal", "weight_max", "d_mean")
 TIMING = ("timing/generate", "timing/score", "timing/annotate", "timing/train_step")
 
 
@@ -78,6 +107,8 @@ def run_one(method: str, seed: int, args, extra: list[str], threads: Optional[in
         cmd += ["--trainer.max_epochs", str(args.epochs), "--trainer.check_val_every_n_epoch", str(args.epochs)]
     if args.val_prompts is not None:
         cmd += ["--data.val_prompts", str(args.val_prompts)]
+    if getattr(args, "val_every", None) is not None:
+        cmd += ["--trainer.check_val_every_n_epoch", str(args.val_every)]
     cmd += extra
     print(f"[compare] {method} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
@@ -123,7 +154,24 @@ def summarize(run_dir: Path) -> dict:
             "entropy_end": _mean(s.get("train/entropy", [])[-5:]),
             "entropy_start": s["train/entropy"][0][1] if s.get("train/entropy") else float("nan"),
             "steps": len(s.get("timing/train_step", [])), "wall_seconds": done.get("wall_seconds", float("nan")),
-            "val_curve": s.get(mean_tag, []), "reward_curve": s.get("rollout/reward_mean", [])}
+            "val_curve": s.get(mean_tag, []), "reward_curve": s.get("rollout/reward_mean", []),
+            "time_curve": _cumulative_seconds(s), "val_curves": {t[4:]: v for t, v in s.items() if t.startswith("val/")},
+            "diagnostics": {d: _mean(next((v for t, v in s.items() if t.endswith("/" + d)
+                                           and not t.startswith(("val/", "timing/"))), [])) for d in DIAGNOSTICS}}
+
+
+def _cumulative_seconds(s: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """``[(step, training seconds spent before that step)]`` from the per-step timing tags (validation excluded);
+    the entry for step ``n`` is the time of the first ``n`` optimizer steps."""
+    per_step: dict[int, float] = {}
+    for tag in TIMING:
+        for step, v in s.get(tag, []):
+            per_step[step] = per_step.get(step, 0.0) + v
+    out, total = [(0, 0.0)], 0.0
+    for i, step in enumerate(sorted(per_step)):
+        total += per_step[step]
+        out.append((i + 1, total))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -205,6 +253,99 @@ seeds, bands min-max.
 """
 
 
+def _time_of_step(run: dict) -> dict[int, float]:
+    """Validation step -> training seconds before it. Step 0 is the validation before training; a later
+    validation is logged at the index of the last optimizer step it follows (steps n-1 after n steps)."""
+    cum = dict(run["time_curve"])
+    return {step: cum[min(step + 1, len(cum) - 1)] if step else 0.0 for step, _ in run["val_curve"]}
+
+
+def value_at_time(curve: list[tuple[int, float]], times: dict[int, float], budget: float) -> float:
+    """The validation value of ``curve`` (``[(step, value)]``) at ``budget`` training seconds: linear between the
+    validation points (their time = the training seconds of the steps before them), the last value past the end."""
+    pts = [(times[step], v) for step, v in curve]
+    if budget >= pts[-1][0]:
+        return pts[-1][1]
+    for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
+        if t0 <= budget <= t1:
+            return v0 + (v1 - v0) * ((budget - t0) / (t1 - t0) if t1 > t0 else 1.0)
+    return pts[0][1]
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """``(mean(a) - mean(b), two-sided p of Welch's t-test)``; p is nan with fewer than 2 values per side."""
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan")
+    from scipy.stats import ttest_ind
+
+    return diff, float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def hard_levels(results: dict[str, list[dict]], k: str, threshold: float = 0.2) -> list[str]:
+    """Levels where the student's step-0 Mean@k (mean over every run) is below ``threshold``."""
+    runs = [r for rs in results.values() for r in rs]
+    levels = sorted({t.split("/")[0] for t in runs[0]["before"] if "/" in t} - {"all"})
+    return [lv for lv in levels
+            if sum(r["before"].get(f"{lv}/mean@{k}", 1.0) for r in runs) / len(runs) < threshold]
+
+
+def _delta(run: dict, key: str) -> float:
+    return run["after"][key] - run["before"].get(key, float("nan"))
+
+
+def _hard_delta(run: dict, hard: list[str], k: str) -> float:
+    return sum(_delta(run, f"{lv}/mean@{k}") for lv in hard) / len(hard)
+
+
+def study_sections(results: dict[str, list[dict]]) -> str:
+    """Markdown: Mean@k at equal wall time, Welch t-tests per pair, per-method diagnostics."""
+    k = next(r["k"] for rs in results.values() for r in rs)
+    key = f"all/mean@{k}"
+    totals = {m: sum(r["time_curve"][-1][1] for r in rs) / len(rs) for m, rs in results.items()}
+    fastest = min(totals, key=totals.get)
+    budget = totals[fastest]
+    hard = hard_levels(results, k)
+    lines = [f"## Equal rollout batches and equal wall time", "",
+             f"Final Mean@{k} (all levels) after the same number of rollout batches, and read off each run's "
+             f"validation curve at {budget:.0f} s of training (the mean training time of the fastest method, "
+             f"{fastest}; validation excluded; linear between validation points). Training seconds on a shared "
+             "CPU carry the contention of the moment: compare them only within this table.", "",
+             f"| method | train s | Mean@{k} equal batches | Δ equal batches | Mean@{k} equal time | Δ equal time |",
+             "|---|---|---|---|---|---|"]
+    for m, rs in results.items():
+        eq_t = [value_at_time(r["val_curve"], _time_of_step(r), budget) for r in rs]
+        lines.append(f"| {m} | {_ms([r['time_curve'][-1][1] for r in rs], 1, 0)} | "
+                     f"{_ms([r['after'][key] for r in rs], 100)} | {_ms([_delta(r, key) for r in rs], 100)} | "
+                     f"{_ms(eq_t, 100)} | {_ms([e - r['before'].get(key, float('nan')) for e, r in zip(eq_t, rs)], 100)} |")
+    pairs = [(m, "GRPO") for m in results if m != "GRPO" and "GRPO" in results]
+    pairs += [p for p in PAIRS if p[0] in results and p[1] in results and p not in pairs]
+    hard_txt = f" and on the hard levels ({', '.join(hard)}: student below 20 % at step 0)" if hard else ""
+    lines += ["", "## Significance", "",
+              f"Welch's t-test (two-sided, unequal variances) over seeds on the change of Mean@{k} from the same run's "
+              f"step-0 validation (points), overall{hard_txt}, at equal rollout batches. With 3 seeds per side only "
+              "large, consistent differences reach p < 0.05; p >= 0.05 means not shown, not equal.", "",
+              "| pair | Δ difference (all) | p (all) |" + (" Δ difference (hard) | p (hard) |" if hard else ""),
+              "|---|---|---|" + ("---|---|" if hard else "")]
+    for a, b in pairs:
+        d, pv = welch([100 * _delta(r, key) for r in results[a]], [100 * _delta(r, key) for r in results[b]])
+        row = f"| {a} - {b} | {d:+.1f} | {pv:.3f} |"
+        if hard:
+            dh, ph = welch([100 * _hard_delta(r, hard, k) for r in results[a]],
+                           [100 * _hard_delta(r, hard, k) for r in results[b]])
+            row += f" {dh:+.1f} | {ph:.3f} |"
+        lines.append(row)
+    lines += ["", "## Diagnostics (mean over training steps)", "",
+              "Share of groups whose 8 rewards are all equal (no GRPO / TRRD signal); sampled-token `l_S - l_T` on the student's rollouts (k1 estimate of KL(student || teacher)); TRRD: mean "
+              "unclamped teacher log-ratio and the share of tokens where the ±c clamp binds, clip fractions; ReNIO: "
+              "share of tokens that are pivotal (`min(l_S - l_T, c) >= tau`), share of samples with one, largest "
+              "weight.", "", "| method | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]
+    for m, rs in results.items():
+        lines.append(f"| {m} | " + " | ".join(_ms([r["diagnostics"].get(d, float("nan")) for r in rs], 1, 3)
+                                              for d in DIAGNOSTICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -250,6 +391,86 @@ def _smooth(xs: list[float], w: int) -> list[float]:
     return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
 
+def eval_models(config: Path, paths: list[Path]) -> str:
+    """Mean@8 / Pass@8 (T=1, 64 validation problems per level, sampling seed 0) of each model on ``config``'s
+    ``data.task`` (a markdown table): does the student rarely solve a level alone while the teacher does?"""
+    import importlib
+
+    import yaml
+
+    from rlad_pl.eval_callbacks import accuracy_table, evaluate_policy
+    from rlad_pl.models import load_causal_lm, load_tokenizer
+
+    spec = yaml.safe_load(config.read_text())["data"]["task"]
+    mod, cls = spec["class_path"].rsplit(".", 1)
+    task = getattr(importlib.import_module(mod), cls)(**spec.get("init_args", {}))
+    n = 64 * len(getattr(task, "levels", [None]))
+    res = {}
+    for p in paths:
+        model, tok = load_causal_lm(str(p), "model"), load_tokenizer(str(p))
+        r = evaluate_policy(model, tok, task, "val", n, k=8, temperature=1.0, pass_k=[1, 8], seed=0)
+        res[f"{p} Mean@8"], res[f"{p} Pass@8"] = r, r
+    rows = accuracy_table({m: r for m, r in res.items() if m.endswith("Mean@8")}, "mean@8")
+    rows += accuracy_table({m: r for m, r in res.items() if m.endswith("Pass@8")}, "pass@8").split("\n", 2)[2]
+    return rows
+
+
+def pivotal_stats(config: Path, student: Path, teacher: Path, tau: float = 0.8, c: float = 2.5, count: int = 256,
+                  k: int = 4) -> dict[str, dict[str, float]]:
+    """ReNIO's pivotal tokens on the student's own samples (T=1, ``count`` val problems x ``k``) scored by the
+    teacher, split by correct / wrong samples: is a pivotal token (``min(l_S - l_T, c) >= tau``) a sign of a wrong
+    trace here, as ReNIO assumes? Also the AUC of the sample score ``m_i`` for telling wrong from correct."""
+    import importlib
+
+    import torch
+    import yaml
+
+    from rlad_pl.data.prompts import encode_prompt
+    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.objectives.renio import renio_sample_scores
+    from rlad_pl.rollout.hf import HFSampler
+    from rlad_pl.rollout.sampler import SamplingParams
+
+    spec = yaml.safe_load(config.read_text())["data"]["task"]
+    mod, cls = spec["class_path"].rsplit(".", 1)
+    task = getattr(importlib.import_module(mod), cls)(**spec.get("init_args", {}))
+    s_model, tok = load_causal_lm(str(student), "model"), load_tokenizer(str(student))
+    t_model = load_causal_lm(str(teacher), "model")
+    problems = task.problems("val", count, offset=0)
+    prompts = [encode_prompt(tok, p.prompt, None) for p in problems]
+    sampler = HFSampler(batch_size=128)
+    sampler.setup(s_model, tok)
+    gen = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=64, n=k, seed=0))
+    texts = tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
+    correct = torch.tensor([task.verify(t, problems[i // k]) >= 1.0 for i, t in enumerate(texts)])
+    seqs = [list(prompts[i // k]) + list(c_ids) for i, c_ids in enumerate(gen.completion_ids)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for q in seqs])
+    attn = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
+    resp = torch.zeros_like(ids, dtype=torch.float)
+    for i, q in enumerate(seqs):
+        resp[i, len(prompts[i // k]):len(q)] = 1.0
+    with torch.no_grad():
+        lp = [torch.log_softmax(m(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+              .gather(-1, ids[:, 1:, None])[..., 0] for m in (s_model, t_model)]
+    d, mask = (lp[0] - lp[1]).clamp(-20, 20), resp[:, 1:]
+    m, pivotal = renio_sample_scores(d, mask, tau, c)
+    out = {}
+    for name, sel in (("correct", correct), ("wrong", ~correct)):
+        if not sel.any():
+            continue
+        dv = d[sel][mask[sel] > 0]
+        out[name] = {"samples": int(sel.sum()), "with_pivotal": float(pivotal[sel].any(-1).float().mean()),
+                     "pivotal_token_frac": float(pivotal[sel].sum() / mask[sel].sum()), "m_mean": float(m[sel].mean()),
+                     "d_mean": float(dv.mean()), "d_q50": float(dv.quantile(0.5)), "d_q90": float(dv.quantile(0.9)),
+                     "d_q99": float(dv.quantile(0.99)), "clamped_frac_of_pivotal":
+                         float(((d >= c) & pivotal)[sel].sum() / pivotal[sel].sum().clamp_min(1))}
+    if correct.any() and (~correct).any():  # AUC: P(m_wrong > m_correct) + 0.5 P(tie)
+        mw, mc = m[~correct][:, None], m[correct][None, :]
+        out["auc_m_wrong_vs_correct"] = {"value": float((mw > mc).float().mean() + 0.5 * (mw == mc).float().mean())}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Arguments after '--' are passed to every run (e.g. -- --data.val_k 4).")
@@ -258,6 +479,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (validation at the end)")
     ap.add_argument("--val-prompts", type=int, default=None, help="override data.val_prompts")
+    ap.add_argument("--val-every", type=int, default=None, help="override trainer.check_val_every_n_epoch")
+    ap.add_argument("--eval-models", nargs="+", type=Path, default=None,
+                    help="only measure these models on the config's task (Mean@8 / Pass@8, T=1, 64 val problems "
+                         "per level) and print a table")
+    ap.add_argument("--pivotal-stats", nargs=2, type=Path, default=None, metavar=("STUDENT", "TEACHER"),
+                    help="only print ReNIO's pivotal-token statistics (tau 0.8, c 2.5) of the student's samples on "
+                         "the config's task, correct vs wrong samples")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "compare")
     ap.add_argument("--force", action="store_true", help="rerun finished runs")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
@@ -266,6 +494,14 @@ def main() -> None:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.config = args.config.resolve()
+    if args.eval_models or args.pivotal_stats:
+        sys.path.insert(0, str(REPO))  # the package itself, also without an installed copy
+    if args.eval_models:
+        print(eval_models(args.config, args.eval_models))
+        return
+    if args.pivotal_stats:
+        print(json.dumps(pivotal_stats(args.config, *args.pivotal_stats), indent=1))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {}
@@ -282,7 +518,7 @@ def main() -> None:
     if not results:
         raise SystemExit("[compare] no finished runs")
     command = "python tools/compare.py " + " ".join(a for a in argv if a not in ("--report-only", "--force"))
-    (args.out / "README.md").write_text(report(results, args, command.strip()))
+    (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n" + study_sections(results))
     plot(results, args.out / "curves.png")
     summary = {m: [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in runs]
                for m, runs in results.items()}
