@@ -23,6 +23,7 @@ from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.step_guard import StepGuard
+from rlad_pl.training_state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.errors import ConfigError
 from rlad_pl.evaluation import EvaluationHooks
 from rlad_pl.module_checks import check_groups, check_objectives, check_optimizer
@@ -175,7 +176,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.val_metric = None  # EvaluationHooks: set in setup
         self.fsdp_mixed_precision = fsdp_mixed_precision
         # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
-        self.register_state_dict_post_hook(_drop_frozen_keys)
+        self.register_state_dict_post_hook(drop_frozen_keys)
         if self.lora is not None:  # ... and of a LoRA student only the trainable (adapter) tensors
             from rlad_pl.lora import drop_frozen_student_keys
 
@@ -215,26 +216,12 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if k.startswith(("teacher.", "reference."))]:
-            del sd[k]
-        # training state outside the weights: counters, the skipped-step streak, objectives' own state (ReNIO's EMA)
-        checkpoint["rlad_pl"] = {"counters": dict(self.counters), **self.step_guard.state_dict(),
-                                 "objectives": [o.state_dict() for o in self.objectives]}
+        drop_frozen_keys(self, checkpoint.get("state_dict", {}))
+        checkpoint[STATE_KEY] = training_state(self.counters, self.step_guard, self.objectives)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rlad_pl")
-        if state is None:
-            return
-        self.counters.clear()
-        self.counters.update(state.get("counters", {}))
-        self.step_guard.load_state_dict(state)
-        saved = state.get("objectives", [])
-        if len(saved) != len(self.objectives):
-            raise ConfigError("ckpt_path", f"the checkpoint holds the state of {len(saved)} objectives, the config "
-                              f"has {len(self.objectives)}")
-        for obj, obj_state in zip(self.objectives, saved):
-            obj.load_state_dict(obj_state)
+        if checkpoint.get(STATE_KEY) is not None:
+            load_training_state(checkpoint[STATE_KEY], self.counters, self.step_guard, self.objectives)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -410,9 +397,3 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         logs.update({k: torch.tensor(v) for k, v in self.counters.items()})
         self._log_train(logs, batch_idx)
         return loss_sum
-
-
-def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:
-    for k in [k for k in state_dict if k.startswith((prefix + "teacher.", prefix + "reference."))]:
-        del state_dict[k]
-

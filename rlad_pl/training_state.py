@@ -1,0 +1,42 @@
+"""What a ``DistillationModule`` checkpoint holds besides Lightning's own entries.
+
+* Weights: the student only. The frozen teacher / reference are loaded again from their names, so their keys are
+  dropped from every ``state_dict()`` (a post hook, which also covers sharded checkpoints) and from the checkpoint.
+* ``checkpoint["rlad_pl"]``: the training state outside the weights, so that a resumed run continues exactly:
+  the counters (``nonfinite/*``), the skipped-step streak (``StepGuard``) and each objective's own state
+  (``Objective.state_dict``, e.g. ReNIO's EMA).
+"""
+
+from __future__ import annotations
+
+from rlad_pl.errors import ConfigError
+from rlad_pl.step_guard import StepGuard
+
+#: the checkpoint entry of the training state
+STATE_KEY = "rlad_pl"
+#: submodules whose weights are never checkpointed
+FROZEN_PREFIXES = ("teacher.", "reference.")
+
+
+def drop_frozen_keys(module, state_dict: dict, prefix: str = "", local_metadata=None) -> None:
+    """Remove the teacher / reference weights from ``state_dict`` (signature of a ``state_dict`` post hook)."""
+    for k in [k for k in state_dict if k.startswith(tuple(prefix + p for p in FROZEN_PREFIXES))]:
+        del state_dict[k]
+
+
+def training_state(counters: dict[str, float], guard: StepGuard, objectives: list) -> dict:
+    """The ``checkpoint["rlad_pl"]`` entry: counters, the skipped-step streak, the objectives' own state."""
+    return {"counters": dict(counters), **guard.state_dict(), "objectives": [o.state_dict() for o in objectives]}
+
+
+def load_training_state(state: dict, counters: dict[str, float], guard: StepGuard, objectives: list) -> None:
+    """Restore ``training_state``'s entry in place; a checkpoint of another number of objectives is one line."""
+    counters.clear()
+    counters.update(state.get("counters", {}))
+    guard.load_state_dict(state)
+    saved = state.get("objectives", [])
+    if len(saved) != len(objectives):
+        raise ConfigError("ckpt_path", f"the checkpoint holds the state of {len(saved)} objectives, the config "
+                          f"has {len(objectives)}")
+    for obj, obj_state in zip(objectives, saved):
+        obj.load_state_dict(obj_state)
