@@ -61,6 +61,31 @@ def format_template(template: str, values: dict[str, Any], field: str, where: st
                           "double literal braces as {{ }}") from None
 
 
+def read_utf8(path: Path, field: str) -> str:
+    """The text of a data file; a byte that is not UTF-8 is one ``ConfigError`` naming the file and line (``datasets``
+    would fail late, on first access, with a raw traceback)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(field, f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); re-encode the file as UTF-8") from None
+
+
+def json_lines(path: Path, field: str) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a UTF-8 JSONL file; a malformed line is one
+    ``ConfigError`` naming its number (which ``json`` and ``datasets``' reader do not give)."""
+    rows = []
+    for lineno, line in enumerate(read_utf8(path, field).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(field, f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    return rows
+
+
 def extract_answer(completion: str, pattern: Optional[str]) -> str:
     """The last match of ``pattern``'s first group (or whole match) in ``completion``; the stripped text if None."""
     if pattern is None:
@@ -186,19 +211,7 @@ class JSONLTask(Task):
             raise ConfigError(f"{self.field}.{name}", f"no such file '{path}'")
         prompt_f, answer_f, diff_f, priv_f, sol_f = self.fields
         out = []
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            line = p.read_bytes()[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{self.field}.{name}", f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x} at "
-                              f"offset {e.start}); re-encode the file as UTF-8") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        for lineno, row in json_lines(p, f"{self.field}.{name}"):
             if not isinstance(row, dict) or prompt_f not in row or answer_f not in row:
                 raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: expected an object with fields "
                                   f"'{prompt_f}' and '{answer_f}'")
