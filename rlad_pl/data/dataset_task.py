@@ -30,14 +30,13 @@ dataset that is not cached while offline.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from rlad_pl.data.tasks import Problem, Split, Task
+from rlad_pl.data.tasks import Problem, Split, Task, json_lines, read_utf8
 from rlad_pl.data.verifiers import MathVerifier
 from rlad_pl.errors import ConfigError
 
@@ -51,20 +50,10 @@ DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 def check_text_file(path: Path, field: str) -> None:
     """A text data file must be UTF-8 (``datasets`` would fail late, on first access, with a raw traceback) and a
     ``.jsonl`` file one JSON value per line (named by line number, which ``datasets``' reader does not give)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(field, f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                          f"{e.start}); re-encode the file as UTF-8") from None
     if path.suffix.lower() == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(field, f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        json_lines(path, field)
+    else:
+        read_utf8(path, field)
 
 
 def check_file(path: Path, field: str) -> None:
