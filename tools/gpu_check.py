@@ -22,16 +22,17 @@ hidden 1,024, 28 layers, 16 query / 8 KV heads of 128, MLP 3,072, tied 151,936-t
    under the same strategy: the adapters must stay fp32 and the base bf16 (checked on the sharded parameters before
    and after training), the optimizer sees only adapters, first- and last-layer adapters get gradients (gradient
    checkpointing), the loss on a fixed batch decreases; peak memory against phase 1's full fine-tuning.
-3. ``fit``: ``python -m rlad_pl fit`` (the real CLI, ``configs/trrd_tiny.yaml`` with overrides): TRRD with the
-   Hugging Face sampler on the GPU, student and teacher the phase's model saved in bf16 with a local word-level
-   tokenizer of exactly 151,936 ids, ``ModelParallelStrategy``, bf16, gradient checkpointing, 2 rollout batches and
-   a validation; checks that it exits 0 and that ``hf_export`` holds a model ``transformers`` loads with the same
-   parameter count.
+3. ``fit``: ``python -m rlad_pl fit`` through the real CLI (its entry point ``rlad_pl.cli.main``, called in the
+   phase's process) on ``configs/trrd_tiny.yaml`` with overrides: TRRD with the Hugging Face sampler on the GPU,
+   student and teacher the phase's model saved in bf16 with a local word-level tokenizer of exactly 151,936 ids,
+   ``ModelParallelStrategy``, bf16, gradient checkpointing, 2 rollout batches and a validation; checks that it
+   finishes and that ``hf_export`` holds a model ``transformers`` loads with the same parameter count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -356,8 +357,8 @@ def save_model_with_tokenizer(s: Settings, out: Path):
     return param_counts(model)
 
 
-def fit_command(s: Settings, model_dir: Path, root: Path) -> list[str]:
-    """``python -m rlad_pl fit`` on ``configs/trrd_tiny.yaml`` with the overrides of this check."""
+def fit_args(s: Settings, model_dir: Path, root: Path) -> list[str]:
+    """Arguments of ``python -m rlad_pl``: ``fit`` on ``configs/trrd_tiny.yaml`` with the overrides of this check."""
     o = {
         "trainer.accelerator": "gpu" if s.device == "cuda" else "cpu", "trainer.devices": "1",
         "trainer.strategy.class_path": "ModelParallelStrategy", "trainer.precision": "32-true",
@@ -369,32 +370,52 @@ def fit_command(s: Settings, model_dir: Path, root: Path) -> list[str]:
         "data.prompts_per_rollout": str(s.fit_prompts), "data.group_size": "8", "data.micro_batch_size": "16",
         "data.sampling.max_new_tokens": str(s.fit_new_tokens), "data.val_prompts": "8", "data.val_k": "2",
     }
-    cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", str(REPO / "configs" / "trrd_tiny.yaml")]
+    argv = ["fit", "--config", str(REPO / "configs" / "trrd_tiny.yaml")]
     for k, v in o.items():
-        cmd += [f"--{k}", v]
-    return cmd
+        argv += [f"--{k}", v]
+    return argv
 
 
-def phase_fit(s: Settings, timeout_s: float) -> dict[str, Any]:
+class _StderrTail:
+    """A stderr that passes everything through and keeps the last non-empty line (the CLI's one-line error)."""
+
+    def __init__(self):
+        self.stream, self.last = sys.stderr, ""
+
+    def write(self, text: str) -> int:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if lines:
+            self.last = lines[-1][:400]
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def phase_fit(s: Settings) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from rlad_pl.cli import main as cli_main
 
     work = Path(s.workdir)
     model_dir, root = work / "fit_model", work / "fit_runs"
     t0 = time.perf_counter()
     counts = save_model_with_tokenizer(s, model_dir)
     build_s = time.perf_counter() - t0
-    cmd = fit_command(s, model_dir, root)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    argv = fit_args(s, model_dir, root)
     t0 = time.perf_counter()
-    rc, lines = run_streamed(cmd, env, timeout_s)
+    rc, errors = 0, _StderrTail()
+    try:  # the entry point of ``python -m rlad_pl`` in this process (saves a second torch / transformers import)
+        with contextlib.redirect_stderr(errors):
+            cli_main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
     fit_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"config": "configs/trrd_tiny.yaml", "command": cmd[1:], "returncode": rc,
-                           "model_build_s": build_s, "fit_s": fit_s, **counts}
+    out: dict[str, Any] = {"config": "configs/trrd_tiny.yaml", "command": "python -m rlad_pl " + " ".join(argv),
+                           "returncode": rc, "model_build_s": build_s, "fit_s": fit_s, **counts}
     if rc != 0:
-        errors = [ln for ln in lines if ln.startswith("rlad_pl: error") or "Error" in ln] or lines or ["(no output)"]
-        raise RuntimeError(f"python -m rlad_pl fit exited {rc}: {errors[-1][:300]}")
+        raise RuntimeError(f"python -m rlad_pl fit exited {rc}: {errors.last or '(no error line)'}")
     exports = sorted(root.glob("lightning_logs/version_*/hf_export"))
     if not exports:
         raise RuntimeError(f"fit finished but wrote no hf_export under {root}/lightning_logs/version_*/")
@@ -405,29 +426,6 @@ def phase_fit(s: Settings, timeout_s: float) -> dict[str, Any]:
     out["hf_export_loads"] = out["hf_export_params"] == counts["params"]
     out["rewards"] = tb_scalars(export.parent, "rollout/reward_mean")
     return out
-
-
-def run_streamed(cmd: list[str], env: dict, timeout_s: float) -> tuple[int, list[str]]:
-    """Run ``cmd`` with its output copied to ours line by line (the log keeps it even on a timeout); the whole
-    process group is killed after ``timeout_s``. Returns the exit status (-9 on a timeout) and the last 50 lines."""
-    import collections
-    import threading
-
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    timer.start()
-    tail: collections.deque = collections.deque(maxlen=50)
-    try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            tail.append(line.rstrip())
-        rc = proc.wait()
-    finally:
-        timer.cancel()
-    if rc == -9:
-        tail.append(f"killed after the fit's timeout of {timeout_s:.0f} s")
-    return rc, list(tail)
 
 
 def tb_scalars(log_dir: Path, tag: str) -> Optional[list[float]]:
@@ -445,7 +443,7 @@ def tb_scalars(log_dir: Path, tag: str) -> Optional[list[float]]:
     return [round(v, 6) for _, v in sorted(values)]
 
 
-def run_phase(name: str, s: Settings, timeout_s: float) -> dict[str, Any]:
+def run_phase(name: str, s: Settings) -> dict[str, Any]:
     """Run one phase in this (sub)process; returns its result fields."""
     import torch
 
@@ -454,14 +452,14 @@ def run_phase(name: str, s: Settings, timeout_s: float) -> dict[str, Any]:
         return phase_train(s)
     if name == "lora":
         return phase_lora(s)
-    return phase_fit(s, timeout_s)
+    return phase_fit(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------------
 
-#: per-phase timeout (seconds) on the full shape; the total is also capped by --budget
+#: per-phase timeout (seconds); the total is also capped by --budget
 PHASE_TIMEOUT = {"train": 200, "lora": 140, "fit": 220}
 
 
@@ -549,7 +547,7 @@ def drive(args) -> int:
                               "phases": {}, "wall_s": 0.0}
     for name in args.phases:
         left = args.budget - (time.perf_counter() - start)
-        timeout = min(PHASE_TIMEOUT[name] * (0.5 if args.tiny else 1.0), left)
+        timeout = min(PHASE_TIMEOUT[name], left)
         t0 = time.perf_counter()
         result: dict[str, Any] = {"status": "skipped", "reason": f"no time left in the --budget of {args.budget} s"}
         if timeout > 5:
@@ -570,7 +568,7 @@ def run_child(name: str, s: Settings, timeout: float, log: Path) -> dict[str, An
     result_file = Path(s.workdir) / f"{name}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--settings",
-           json.dumps(dataclasses.asdict(s)), "--result", str(result_file), "--timeout", str(timeout - 10)]
+           json.dumps(dataclasses.asdict(s)), "--result", str(result_file)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("a") as fh:
         fh.write(f"===== phase {name} (timeout {timeout:.0f} s)\n")
@@ -590,7 +588,7 @@ def run_child(name: str, s: Settings, timeout: float, log: Path) -> dict[str, An
 def child(args) -> int:
     s = Settings(**json.loads(args.settings))
     try:
-        result = {"status": "ok", **run_phase(args.phase, s, args.timeout)}
+        result = {"status": "ok", **run_phase(args.phase, s)}
         rc = 0
     except Exception as e:  # noqa: BLE001 -- any failure is this phase's result, the other phases still run
         import traceback
@@ -614,7 +612,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     bad = [p for p in args.phases if p not in PHASES]
     if bad:

@@ -18,8 +18,8 @@ WHEELS=${GPU_CHECK_WHEELS:-.gpu_wheels}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 # import name -> distribution name; the CLI's parser stack (reasoning-gym / math-verify are not needed: the check's
 # tasks are CharFrequencyTask and random tokens)
-CARRIED="!jsonargparse:jsonargparse !omegaconf:omegaconf !docstring_parser:docstring-parser !typeshed_client:typeshed-client
-         peft:peft"
+CARRIED="!jsonargparse:jsonargparse !omegaconf:omegaconf !docstring_parser:docstring-parser
+         !typeshed_client:typeshed-client peft:peft"
 # what cannot travel as a small wheel: the image must have it
 REQUIRED="torch lightning transformers tensorboard torchmetrics safetensors tokenizers yaml"
 
@@ -61,7 +61,8 @@ if [ -n "${missing// /}" ]; then
     fi
     wheels+=("$found")
   done
-  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "${wheels[@]}"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   installed=$(basename -a "${wheels[@]}" | tr '\n' ',' | sed 's/,$//')
   echo "gpu_check: installed from $WHEELS/: $installed"
