@@ -22,12 +22,11 @@ from torch import Tensor
 from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.checkpointing import defer_sigint
 from rlad_pl.distributed import reshard, root_call
-from rlad_pl.step_guard import StepGuard
-from rlad_pl.training_state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.errors import ConfigError
 from rlad_pl.evaluation import EvaluationHooks
-from rlad_pl.module_checks import check_groups, check_objectives, check_optimizer
-from rlad_pl.validation import check_choice, check_float, check_int
+from rlad_pl.module_checks import check_groups, check_objectives, check_optimizer, check_settings
+from rlad_pl.step_guard import StepGuard
+from rlad_pl.training_state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
@@ -108,17 +107,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
         self.objectives = check_objectives(objectives, loss_agg)
         self.requires = frozenset().union(*(o.requires for o in self.objectives))
-        # a negative clip would flip the gradient's sign, 0 would zero it: positive or None (no clipping)
-        if grad_clip is not None:
-            check_float("model.grad_clip", grad_clip, low=0.0, low_open=True, hint=" (null: no clipping)")
-        if temperature is not None:
-            check_float("model.temperature", temperature, low=0.0, low_open=True,
-                        hint=" (null: the sampling temperature)")
-        check_int("model.logprob_chunk_size", logprob_chunk_size)
-        check_int("model.annotate_batch_size", annotate_batch_size)
-        if fsdp_mixed_precision is not None:
-            check_choice("model.fsdp_mixed_precision", fsdp_mixed_precision,
-                         ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
+        check_settings(grad_clip, temperature, logprob_chunk_size, annotate_batch_size, fsdp_mixed_precision)
         check_optimizer(optimizer, lr_scheduler)  # the factories run only in configure_optimizers: probe them now
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.grad_clip, self.temperature = grad_clip, temperature if temperature is not None else 1.0

@@ -1,8 +1,8 @@
 """``DistillationModule``'s own input checks, each one ``ConfigError(field, message)`` line before compute is spent.
 
-At construction, before any model loads: the objectives (types, declared inputs, NaN coefficients, distinct names)
-and the optimizer / scheduler factories (probed on a dummy parameter). In ``setup``, once the data module is known:
-group objectives against the group size and the sampling temperature.
+At construction, before any model loads: the objectives (types, declared inputs, NaN coefficients, distinct names),
+the scalar settings and the optimizer / scheduler factories (probed on a dummy parameter). In ``setup``, once the
+data module is known: group objectives against the group size and the sampling temperature.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from rlad_pl.errors import ConfigError, warn_once
 from rlad_pl.objectives.base import KNOWN_REQUIREMENTS, AggMode, Objective
-from rlad_pl.validation import check_float
+from rlad_pl.validation import check_choice, check_float, check_int
 
 #: below these, sampling is near-greedy: a group's responses are (nearly) identical
 NEAR_GREEDY_TEMPERATURE, NEAR_GREEDY_TOP_P = 0.1, 0.1
@@ -43,13 +43,29 @@ def check_objectives(objectives, loss_agg: AggMode) -> list[Objective]:
     return list(objectives)
 
 
+def check_settings(grad_clip, temperature, logprob_chunk_size, annotate_batch_size, fsdp_mixed_precision) -> None:
+    """The module's scalar settings. A negative ``grad_clip`` would flip the gradient's sign, 0 would zero it:
+    positive or None (no clipping); ``temperature`` positive or None (the sampling temperature)."""
+    if grad_clip is not None:
+        check_float("model.grad_clip", grad_clip, low=0.0, low_open=True, hint=" (null: no clipping)")
+    if temperature is not None:
+        check_float("model.temperature", temperature, low=0.0, low_open=True,
+                    hint=" (null: the sampling temperature)")
+    check_int("model.logprob_chunk_size", logprob_chunk_size)
+    check_int("model.annotate_batch_size", annotate_batch_size)
+    if fsdp_mixed_precision is not None:
+        check_choice("model.fsdp_mixed_precision", fsdp_mixed_precision,
+                     ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
+
+
 def check_unique_names(objectives: list[Objective]) -> None:
     """Two objectives with one ``name`` would log into (and overwrite) the same metrics."""
     seen: dict[str, int] = {}
     for i, obj in enumerate(objectives):
         if obj.name in seen:
-            raise ConfigError(f"model.objectives[{i}].init_args.name", f"objectives {seen[obj.name]} and {i} are both "
-                              f"named '{obj.name}' (their metrics would overwrite each other); give each a distinct name")
+            raise ConfigError(f"model.objectives[{i}].init_args.name", f"objectives {seen[obj.name]} and {i} are "
+                              f"both named '{obj.name}' (their metrics would overwrite each other); give each a "
+                              "distinct name")
         seen[obj.name] = i
 
 
