@@ -79,7 +79,7 @@ def evaluate_policy(model: torch.nn.Module, tokenizer, task: Task, split: Split 
     buckets = sorted({p.difficulty for p in problems if p.difficulty is not None})
     ks = sorted(set(pass_k or [1, k]))
     metric = MeanPassAtK(k, ks, buckets)
-    sampler = HFSampler(batch_size=batch_size)
+    sampler = HFSampler(batch_size=batch_size * k)  # batch_size: prompts per call; the sampler counts sequences
     sampler.setup(model, tokenizer)
     prompt_ids = [encode_prompt(tokenizer, p.prompt, prompt_format) for p in problems]
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=k, seed=seed)

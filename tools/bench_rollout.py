@@ -80,7 +80,7 @@ def bench_size(name: str, arch: dict, args) -> dict:
 
         # ---------------------------------------------------------------- HF generate on the live model
         model.generation_config.min_new_tokens = args.max_new_tokens  # no early eos: equal lengths
-        hf = HFSampler(batch_size=args.prompts)
+        hf = HFSampler(batch_size=args.prompts * args.group, decode="generate")  # honours min_new_tokens
         hf.setup(model, tok)
         hf.generate(prompts[:2], params.with_(max_new_tokens=4))  # warm-up
         hf_s, hf_gen = _timed(lambda: hf.generate(prompts, params), args.repeats)
