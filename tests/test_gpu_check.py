@@ -50,7 +50,7 @@ def test_cpu_tiny_smoke(tmp_path):
         assert m["tflops_6N"] == pytest.approx(6 * n_all * m["tokens_per_s"] / 1e12)
         assert abs(m["loss_first"] - math.log(2048)) < 0.5  # random init: about uniform over the vocabulary
         assert m["loss_last"] < m["loss_first"]
-        assert m["peak_mem_gib"] is None  # CUDA memory only
+        assert m["peak_mem_gib"] is None and m["resident_mem_gib"] is None  # CUDA memory only
     assert train["speed_ratio_chunked_vs_unchunked"] == pytest.approx(
         train["chunked"]["tokens_per_s"] / train["unchunked"]["tokens_per_s"])
     assert train["peak_mem_ratio_chunked_vs_unchunked"] is None

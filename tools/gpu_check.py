@@ -199,6 +199,7 @@ class StepTimer:
             def __init__(self):
                 self.seconds: list[float] = []
                 self.peaks: list[Optional[float]] = []
+                self.resident: list[Optional[float]] = []  # allocated when a step starts (weights, optimizer)
                 self.started: Optional[float] = None
 
             def _sync(self):
@@ -209,6 +210,7 @@ class StepTimer:
                 self._sync()
                 if s.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                self.resident.append(torch.cuda.memory_allocated() / 2**30 if s.device == "cuda" else None)
                 self.t0 = time.perf_counter()
                 self.started = self.started or self.t0
 
@@ -247,7 +249,8 @@ def loader(s: Settings):
     return torch.utils.data.DataLoader(Repeat(), batch_size=None)
 
 
-def mode_stats(s: Settings, seconds: list[float], peaks: list, losses: list[float]) -> dict[str, Any]:
+def mode_stats(s: Settings, seconds: list[float], peaks: list, resident: list, losses: list[float]
+               ) -> dict[str, Any]:
     """Statistics of one LM-head variant's steps, its first ``s.warmup`` steps excluded from time and memory."""
     timed, timed_peaks = seconds[s.warmup:], [p for p in peaks[s.warmup:] if p is not None]
     med = statistics.median(timed) if timed else None
@@ -256,6 +259,7 @@ def mode_stats(s: Settings, seconds: list[float], peaks: list, losses: list[floa
             "step_s_all": [round(x, 4) for x in seconds],
             "tokens_per_s": tokens / med if med else None,
             "peak_mem_gib": max(timed_peaks) if timed_peaks else None,
+            "resident_mem_gib": resident[-1] if resident else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 
@@ -280,7 +284,8 @@ def phase_train(s: Settings) -> dict[str, Any]:
                            "chunk_size": s.chunk_size, "logprob_max_abs_diff": module.logprob_diff,
                            "memory": "torch.cuda.max_memory_allocated per step" if s.device == "cuda" else None}
     for i, mode in enumerate(modes):
-        out[mode] = mode_stats(s, timer.seconds[i::len(modes)], timer.peaks[i::len(modes)], module.losses[mode])
+        k = len(modes)
+        out[mode] = mode_stats(s, timer.seconds[i::k], timer.peaks[i::k], timer.resident[i::k], module.losses[mode])
         tps = out[mode]["tokens_per_s"]
         out[mode]["tflops_6N"] = 6 * counts["params"] * tps / 1e12 if tps else None
     c, u = out["chunked"], out["unchunked"]
@@ -328,7 +333,7 @@ def phase_lora(s: Settings) -> dict[str, Any]:
 
     timer = StepTimer(s, s.step_budget_s)
     make_trainer(s, s.lora_steps, [timer, Probe()]).fit(module, train_dataloaders=loader(s))
-    stats = mode_stats(s, timer.seconds, timer.peaks, module.losses["chunked"])
+    stats = mode_stats(s, timer.seconds, timer.peaks, timer.resident, module.losses["chunked"])
     ad, base = dtypes("adapter"), dtypes("base")
     losses = module.losses["chunked"]
     return {"r": s.lora_r, "alpha": s.lora_alpha, "target_modules": LORA_TARGETS, **seen,
@@ -347,14 +352,18 @@ def save_model_with_tokenizer(s: Settings, out: Path):
 
     from rlad_pl.models import DEFAULT_CHARS, build_char_tokenizer
 
-    model = build_model(dataclasses.replace(s, device="cpu"), torch.bfloat16)
+    model = build_model(s, torch.bfloat16)  # random init on the GPU: seconds, not a minute of CPU
     n_fill = s.arch["vocab_size"] - 3 - len(DEFAULT_CHARS)
     tok = build_char_tokenizer(DEFAULT_CHARS + [f"<x{i}>" for i in range(n_fill)])
     assert len(tok) == s.arch["vocab_size"], (len(tok), s.arch["vocab_size"])
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return param_counts(model)
+    counts = param_counts(model)
+    del model
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    return counts
 
 
 def fit_args(s: Settings, model_dir: Path, root: Path) -> list[str]:
@@ -509,7 +518,7 @@ def summary_lines(report: dict) -> list[str]:
     def f(x, spec):
         return "n/a" if x is None else format(x, spec)
     t = P.get("train", {})
-    for mode in ("chunked", "unchunked"):
+    for mode in ("chunked", "unchunked") if t.get("status") == "ok" else ():
         m = t.get(mode) or {}
         lines.append(f"  train {mode:9s}: {f(m.get('tokens_per_s'), ',.0f')} tokens/s, peak "
                      f"{f(m.get('peak_mem_gib'), '.2f')} GiB, loss {f(m.get('loss_first'), '.3f')} -> "
