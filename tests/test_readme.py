@@ -37,6 +37,8 @@ NOT_RUN = {
     "huggingface-cli": "hub login / download (no hub here)",
     "hf": "hub login / download (no hub here)",
     "vllm": "starts a server",
+    "bash": "tools/gpu_check.sh needs a GPU (tests/test_gpu_check.py runs its --cpu --tiny mode); "
+            "tools/fetch_gpu_wheels.sh downloads from PyPI",
 }
 #: a YAML fragment (recognised by a substring) -> the config it is layered on (as the README says)
 FRAGMENT_BASES = {
