@@ -253,10 +253,11 @@ seeds, bands min-max.
 """
 
 
-def _time_of_step(run: dict) -> dict[int, float]:
-    """Validation step -> training seconds before it. Step 0 is the validation before training; a later
-    validation is logged at the index of the last optimizer step it follows (steps n-1 after n steps)."""
-    cum = dict(run["time_curve"])
+def _time_of_step(run: dict, cost: Optional[float] = None) -> dict[int, float]:
+    """Validation step -> training seconds before it (or, with ``cost``, optimizer steps x ``cost``). Step 0 is the
+    validation before training; a later validation is logged at the index of the last optimizer step it follows
+    (step n-1 after n steps)."""
+    cum = dict(run["time_curve"]) if cost is None else {n: n * cost for n in range(len(run["time_curve"]))}
     return {step: cum[min(step + 1, len(cum) - 1)] if step else 0.0 for step, _ in run["val_curve"]}
 
 
@@ -298,24 +299,29 @@ def _hard_delta(run: dict, hard: list[str], k: str) -> float:
     return sum(_delta(run, f"{lv}/mean@{k}") for lv in hard) / len(hard)
 
 
-def study_sections(results: dict[str, list[dict]]) -> str:
-    """Markdown: Mean@k at equal wall time, Welch t-tests per pair, per-method diagnostics."""
+def study_sections(results: dict[str, list[dict]], step_cost: Optional[dict[str, float]] = None) -> str:
+    """Markdown: Mean@k at equal wall time, Welch t-tests per pair, per-method diagnostics. ``step_cost`` (method
+    -> time of one step in GRPO steps) replaces the measured step times for the equal-time reading."""
     k = next(r["k"] for rs in results.values() for r in rs)
     key = f"all/mean@{k}"
-    totals = {m: sum(r["time_curve"][-1][1] for r in rs) / len(rs) for m, rs in results.items()}
+    cost = {m: step_cost.get(m, 1.0) for m in results} if step_cost else {m: None for m in results}
+    totals = {m: sum(max(_time_of_step(r, cost[m]).values()) for r in rs) / len(rs) for m, rs in results.items()}
     fastest = min(totals, key=totals.get)
     budget = totals[fastest]
     hard = hard_levels(results, k)
+    unit = "GRPO-step units" if step_cost else "s of training"
+    how = (f"step costs relative to GRPO {', '.join(f'{m} {c:g}' for m, c in cost.items())} (--step-cost)"
+           if step_cost else "the measured training seconds (validation excluded); seconds on a shared CPU carry "
+           "the contention of the moment: compare them only within this table")
     lines = [f"## Equal rollout batches and equal wall time", "",
              f"Final Mean@{k} (all levels) after the same number of rollout batches, and read off each run's "
-             f"validation curve at {budget:.0f} s of training (the mean training time of the fastest method, "
-             f"{fastest}; validation excluded; linear between validation points). Training seconds on a shared "
-             "CPU carry the contention of the moment: compare them only within this table.", "",
-             f"| method | train s | Mean@{k} equal batches | Δ equal batches | Mean@{k} equal time | Δ equal time |",
+             f"validation curve at {budget:.0f} {unit} (the training time of the fastest method, {fastest}; "
+             f"linear between validation points); time from {how}.", "",
+             f"| method | train {'time' if step_cost else 's'} | Mean@{k} equal batches | Δ equal batches | Mean@{k} equal time | Δ equal time |",
              "|---|---|---|---|---|---|"]
     for m, rs in results.items():
-        eq_t = [value_at_time(r["val_curve"], _time_of_step(r), budget) for r in rs]
-        lines.append(f"| {m} | {_ms([r['time_curve'][-1][1] for r in rs], 1, 0)} | "
+        eq_t = [value_at_time(r["val_curve"], _time_of_step(r, cost[m]), budget) for r in rs]
+        lines.append(f"| {m} | {_ms([max(_time_of_step(r, cost[m]).values()) for r in rs], 1, 0)} | "
                      f"{_ms([r['after'][key] for r in rs], 100)} | {_ms([_delta(r, key) for r in rs], 100)} | "
                      f"{_ms(eq_t, 100)} | {_ms([e - r['before'].get(key, float('nan')) for e, r in zip(eq_t, rs)], 100)} |")
     pairs = [(m, "GRPO") for m in results if m != "GRPO" and "GRPO" in results]
@@ -483,6 +489,10 @@ def main() -> None:
     ap.add_argument("--eval-models", nargs="+", type=Path, default=None,
                     help="only measure these models on the config's task (Mean@8 / Pass@8, T=1, 64 val problems "
                          "per level) and print a table")
+    ap.add_argument("--step-cost", nargs="+", default=None, metavar="METHOD=RATIO",
+                    type=lambda a: (a.split("=")[0], float(a.split("=")[1])),
+                    help="equal-wall-time reading with these step costs relative to GRPO (e.g. TRRD=1.69) instead "
+                         "of the measured seconds (noisy on a shared CPU); methods not named cost 1")
     ap.add_argument("--pivotal-stats", nargs=2, type=Path, default=None, metavar=("STUDENT", "TEACHER"),
                     help="only print ReNIO's pivotal-token statistics (tau 0.8, c 2.5) of the student's samples on "
                          "the config's task, correct vs wrong samples")
@@ -494,6 +504,7 @@ def main() -> None:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.config = args.config.resolve()
+    args.step_cost = dict(args.step_cost) if args.step_cost else None
     if args.eval_models or args.pivotal_stats:
         sys.path.insert(0, str(REPO))  # the package itself, also without an installed copy
     if args.eval_models:
@@ -518,7 +529,7 @@ def main() -> None:
     if not results:
         raise SystemExit("[compare] no finished runs")
     command = "python tools/compare.py " + " ".join(a for a in argv if a not in ("--report-only", "--force"))
-    (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n" + study_sections(results))
+    (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n" + study_sections(results, args.step_cost))
     plot(results, args.out / "curves.png")
     summary = {m: [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in runs]
                for m, runs in results.items()}
