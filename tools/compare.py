@@ -531,7 +531,7 @@ def main() -> None:
     command = "python tools/compare.py " + " ".join(a for a in argv if a not in ("--report-only", "--force"))
     (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n" + study_sections(results, args.step_cost))
     plot(results, args.out / "curves.png")
-    summary = {m: [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in runs]
+    summary = {m: [{k: v for k, v in r.items() if "_curve" not in k} for r in runs]
                for m, runs in results.items()}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"[compare] wrote {args.out / 'README.md'} and curves.png ({time.perf_counter() - t0:.0f} s)")
