@@ -1,0 +1,257 @@
+"""Seconds per step on CPU of the real model (SmolLM2-135M-Instruct, 49,152-token vocabulary), one table.
+
+    python tools/build_real_model.py               # once (see rlad_pl/real_model.py)
+    python tools/bench_real_model.py               # the full table (~25 min on 2 cores)
+    python tools/bench_real_model.py --quick       # 2 cells, tiny sizes (the test's run, ~1 min)
+
+Cells: GRPO and TRRD, each with the Hugging Face sampler (``HFSampler``) and the vLLM sampler (``VLLMSampler``),
+and for TRRD the ``local`` and ``vllm`` teacher backends (``model.teacher_backend``). There is only one real model,
+so the TRRD teacher is SmolLM2-135M-Instruct itself (the frozen initial weights): the teacher's cost is that of a
+135M model. Extra GRPO / HF rows run the same work at smaller ``model.logprob_chunk_size`` values: the chunked LM
+head's effect on the process's peak memory (the main rows use the default, 256 positions per chunk, which is one
+chunk, i.e. unchunked, for responses of up to 256 tokens).
+
+Every cell is ``python -m rlad_pl fit --config configs/smollm2_grpo_cpu.yaml`` plus the same overrides (the same
+prompts, prompts per rollout, group size, new tokens, micro-batch, seed) and an overlay for its objective, sampler
+and teacher backend, run as a subprocess: what a user runs. One epoch is one rollout batch and one optimizer step.
+Startup is excluded by per-step timing after warm-up: the wall-clock times of the TensorBoard events of steps
+1 .. N-1 (step 0 carries imports, model loading and engine starts); seconds per step is the median of the
+differences. The split per step comes from the module's own ``timing/*`` tags (generation, weight sync, old
+log-probs, teacher log-probs, update; ``other`` is the rest: reward scoring, batching, logging, the loop), averaged
+over the same steps. Peak memory is the subprocess's resident-set high-water mark (``wait4``; the vLLM engines run
+in-process). With ``--repeats`` > 1 the cells run interleaved (A B C .. A B C ..) and each cell's median is taken.
+CPU timings are noisy on a shared machine: the load average before and after is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+CONFIG = REPO / "configs" / "smollm2_grpo_cpu.yaml"
+PHASES = (("generate", "timing/generate"), ("sync", "timing/weight_sync"), ("old_lp", "timing/old_logprobs"),
+          ("teacher", "timing/teacher_logprobs"), ("update", "timing/train_step"))
+TRRD = {"class_path": "rlad_pl.objectives.TRRD",
+        "init_args": {"alpha": 0.5, "teacher_clamp": 1.0, "teacher_clamp_grad": "through", "eps_low": 0.2,
+                      "eps_high": 0.28}}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table row: objective (``grpo`` / ``trrd``), sampler (``hf`` / ``vllm``), teacher backend (``local`` /
+    ``vllm``; GRPO has none) and ``model.logprob_chunk_size`` (None: the module's default)."""
+
+    objective: str
+    sampler: str
+    teacher: Optional[str] = None
+    chunk: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.objective.upper(), f"{self.sampler} sampler"]
+        if self.teacher:
+            parts.append(f"{self.teacher} teacher")
+        if self.chunk:
+            parts.append(f"chunk {self.chunk}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The work of every cell: ``steps`` rollout batches of ``prompts`` x ``group`` samples, ``new_tokens`` each."""
+
+    steps: int
+    prompts: int
+    group: int
+    new_tokens: int
+    kv_cache_mib: int = 512
+
+
+FULL = Sizes(steps=4, prompts=4, group=4, new_tokens=64)
+QUICK = Sizes(steps=2, prompts=2, group=2, new_tokens=8, kv_cache_mib=128)
+
+
+def cells(quick: bool, chunks: list[int]) -> list[Cell]:
+    """The table's rows: 6 cells (``--quick``: GRPO / HF and TRRD / vLLM sampler / vLLM teacher) plus GRPO / HF at
+    each chunk size of ``chunks``."""
+    if quick:
+        main = [Cell("grpo", "hf"), Cell("trrd", "vllm", "vllm")]
+    else:
+        main = [Cell("grpo", "hf"), Cell("grpo", "vllm"), Cell("trrd", "hf", "local"), Cell("trrd", "vllm", "local"),
+                Cell("trrd", "hf", "vllm"), Cell("trrd", "vllm", "vllm")]
+    return main + [Cell("grpo", "hf", chunk=c) for c in chunks]
+
+
+def overlay(cell: Cell, model_dir: str, sizes: Sizes) -> dict:
+    """The cell's config overlay on ``configs/smollm2_grpo_cpu.yaml``: objective, teacher, backend, sampler."""
+    engine = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True,
+              "engine_kwargs": {"kv_cache_memory_bytes": sizes.kv_cache_mib << 20, "max_num_seqs": 64}}
+    model: dict = {}
+    data: dict = {}
+    if cell.objective == "trrd":
+        model.update(objectives=[TRRD], teacher=model_dir)
+        if cell.teacher == "vllm":
+            model["teacher_backend"] = {"class_path": "rlad_pl.teacher.VLLMTeacher", "init_args": engine}
+    if cell.sampler == "vllm":
+        data["sampler"] = {"class_path": "rlad_pl.rollout.vllm.VLLMSampler", "init_args": {**engine, "seed": 0}}
+    if cell.chunk:
+        model["logprob_chunk_size"] = cell.chunk
+    return {"model": model, "data": data}
+
+
+def fit_command(cell_config: Path, model_dir: str, root: Path, sizes: Sizes) -> list[str]:
+    """``python -m rlad_pl fit`` with the overrides every cell shares (validation, checkpoints, export off)."""
+    return [sys.executable, "-m", "rlad_pl", "fit", "--config", str(CONFIG), "--config", str(cell_config),
+            "--model.student", model_dir, "--trainer.max_epochs", str(sizes.steps),
+            "--trainer.check_val_every_n_epoch", "1000000", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+            "--export.enabled", "false", "--data.prompts_per_rollout", str(sizes.prompts),
+            "--data.group_size", str(sizes.group), "--data.micro_batch_size", str(sizes.prompts * sizes.group),
+            "--data.sampling.max_new_tokens", str(sizes.new_tokens), "--seed_everything", "0"]
+
+
+def read_events(root: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar tag under ``root`` -> ``[(step, wall_time, value), ...]`` in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for f in sorted(root.rglob("events.out.tfevents.*")):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        for tag in ea.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.wall_time, e.value) for e in ea.Scalars(tag))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def per_step(events: dict[str, list[tuple[int, float, float]]], steps: int) -> dict[str, float]:
+    """Seconds per step after warm-up (median wall-time difference between the events of steps 1 .. N-1 and those
+    of the step before) and each phase's mean over the same steps (0 when the run does not log it)."""
+    loss = events.get("train/loss", [])
+    if len(loss) != steps:
+        raise RuntimeError(f"expected {steps} logged steps of train/loss, found {len(loss)}")
+    walls = [w for _, w, _ in loss]
+    out = {"step": statistics.median(b - a for a, b in zip(walls, walls[1:]))}
+    for name, tag in PHASES:
+        vals = [v for s, _, v in events.get(tag, []) if s >= 1]
+        out[name] = statistics.fmean(vals) if vals else 0.0
+    out["other"] = out["step"] - sum(out[n] for n, _ in PHASES)
+    return out
+
+
+def run_cell(cell: Cell, model_dir: str, sizes: Sizes, work: Path, log=print) -> dict:
+    """One fit subprocess; its per-step numbers, peak RSS (GB) and whole wall time. The run folder is deleted."""
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="cell-", dir=work))
+    cfg = root / "cell.yaml"
+    cfg.write_text(json.dumps(overlay(cell, model_dir, sizes)))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    t0 = time.perf_counter()
+    with open(root / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(fit_command(cfg, model_dir, root, sizes), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    try:
+        if rc != 0:
+            tail = (root / "stderr.txt").read_text().strip().splitlines()[-15:]
+            raise RuntimeError(f"{cell.name}: fit exited {rc}:\n" + "\n".join(tail))
+        res = per_step(read_events(root), sizes.steps)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    res.update(peak_gb=usage.ru_maxrss / 2 ** 20, wall=wall)  # ru_maxrss is in KiB on Linux
+    log(f"  {cell.name}: {res['step']:.2f} s/step, peak {res['peak_gb']:.2f} GB, {wall:.0f} s in all")
+    return res
+
+
+def run_table(rows: list[Cell], model_dir: str, sizes: Sizes, repeats: int, log=print) -> list[dict]:
+    """Every cell ``repeats`` times, interleaved; per cell the median of each number over the repeats."""
+    runs: dict[Cell, list[dict]] = {c: [] for c in rows}
+    with tempfile.TemporaryDirectory(prefix="bench_real_model-") as work:
+        for r in range(repeats):
+            log(f"repeat {r + 1}/{repeats}")
+            for cell in rows:
+                runs[cell].append(run_cell(cell, model_dir, sizes, Path(work), log))
+    return [{"cell": c, **{k: statistics.median(x[k] for x in rs) for k in rs[0]}} for c, rs in runs.items()]
+
+
+def baseline(rows: list[dict], cell: Cell) -> Optional[dict]:
+    """The HF-sampler, local-teacher, default-chunk row of the cell's objective (its speed-up reference)."""
+    ref = Cell(cell.objective, "hf", "local" if cell.objective == "trrd" else None)
+    return next((r for r in rows if r["cell"] == ref), None)
+
+
+def format_table(rows: list[dict], sizes: Sizes) -> str:
+    head = (f"{'cell':<38} {'s/step':>7} {'x base':>7} {'generate':>9} {'sync':>6} {'old lp':>7} {'teacher':>8} "
+            f"{'update':>7} {'other':>6} {'peak GB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        base = baseline(rows, r["cell"])
+        speed = f"{base['step'] / r['step']:.2f}x" if base else "-"
+        lines.append(f"{r['cell'].name:<38} {r['step']:7.2f} {speed:>7} {r['generate']:9.2f} {r['sync']:6.2f} "
+                     f"{r['old_lp']:7.2f} {r['teacher']:8.2f} {r['update']:7.2f} {r['other']:6.2f} "
+                     f"{r['peak_gb']:8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 cells, 2 steps of 2 prompts x 2 samples x 8 tokens, no chunk rows")
+    p.add_argument("--model", default=None, help="the model folder (default: rlad_pl.real_model.default_dir())")
+    p.add_argument("--chunks", type=int, nargs="*", default=None,
+                   help="extra GRPO / HF rows at these model.logprob_chunk_size values (default 8 32; --quick: none)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every cell (median)")
+    p.add_argument("--steps", type=int, default=None, help="rollout batches per cell (step 0 is the warm-up)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    from rlad_pl.real_model import default_dir, is_complete
+
+    model_dir = str(Path(args.model).expanduser() if args.model else default_dir())
+    if not is_complete(model_dir):
+        print(f"bench_real_model: error: --model: {model_dir} is not a built model folder; run "
+              f"python tools/build_real_model.py", file=sys.stderr)
+        return 2
+    sizes = QUICK if args.quick else FULL
+    if args.steps is not None:
+        if args.steps < 2:
+            print("bench_real_model: error: --steps: expected >= 2 (step 0 is the warm-up)", file=sys.stderr)
+            return 2
+        sizes = Sizes(args.steps, sizes.prompts, sizes.group, sizes.new_tokens, sizes.kv_cache_mib)
+    if args.repeats < 1:
+        print("bench_real_model: error: --repeats: expected >= 1", file=sys.stderr)
+        return 2
+    chunks = args.chunks if args.chunks is not None else ([] if args.quick else [8, 32])
+    if any(c < 1 for c in chunks):
+        print("bench_real_model: error: --chunks: expected positive integers", file=sys.stderr)
+        return 2
+    rows = cells(args.quick, chunks)
+    load0 = os.getloadavg()[0]
+    print(f"SmolLM2-135M-Instruct ({model_dir}), {len(rows)} cells x {args.repeats}: {sizes.steps} steps of "
+          f"{sizes.prompts} prompts x {sizes.group} samples x {sizes.new_tokens} new tokens, micro-batch "
+          f"{sizes.prompts * sizes.group}, {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads", flush=True)
+    table = run_table(rows, model_dir, sizes, args.repeats, log=lambda m: print(m, flush=True))
+    print(f"\nseconds per step after warm-up (median over steps 1..{sizes.steps - 1}{' and repeats' if args.repeats > 1 else ''}); "
+          f"phases: mean s per step; x base: speed-up over the HF-sampler, local-teacher row of the objective")
+    print("TRRD's teacher is SmolLM2-135M-Instruct itself (frozen initial weights): there is only one real model.")
+    print(format_table(table, sizes))
+    print(f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**r, "cell": r["cell"].name} for r in table], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
