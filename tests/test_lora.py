@@ -374,3 +374,44 @@ def test_fsdp2_two_ranks_match_one(tmp_path):
     worst = _assert_same_weights(one, two, ATOL)
     assert _moved(two) > 1e-3, "the merged export should differ from the initial model"
     print(f"\nLoRA FSDP2 1 vs 2 ranks: max |diff| {worst:.2e}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_resume_from_last_ckpt_is_exact_and_holds_only_adapters(tmp_path):
+    """LoRA GRPO on 2 CPU processes under ``ModelParallelStrategy``: 2 epochs, then ``--ckpt_path last`` to 3 ==
+    3 epochs straight (merged exports bit for bit); the sharded ``last.ckpt`` holds the adapters and their AdamW
+    moments only (no frozen base tensor)."""
+    import yaml
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from test_distributed import _config, _fit, _weights
+
+    obj = {"class_path": "rlad_pl.objectives.GRPO", "init_args": {"eps_low": 0.2, "eps_high": 0.28}}
+
+    def config(name, epochs):
+        path = _config(tmp_path / f"{name}.yaml", obj, 2, epochs, "token_mean", False, ckpt=False, val=False)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["trainer"]["enable_checkpointing"] = True  # the default RolloutCheckpoint: last.ckpt every epoch
+        cfg["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+        cfg["model"]["optimizer"]["init_args"]["lr"] = 1.0e-2
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    ref = _weights(_fit(config("ref", 3), 2))
+    half_dir = _fit(config("split", 2), 2)
+    half = _weights(half_dir)
+    ckpt = half_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir()  # a distributed checkpoint: one shard file per rank
+    keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    model_keys = [k for k in keys if k.startswith("state_dict.")]
+    layers, blocks = 7, 2  # q k v o gate up down, tiny-student's 2 blocks
+    assert len(model_keys) == 2 * layers * blocks, model_keys
+    assert all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys
+    opt_keys = [k for k in keys if k.startswith("optimizer_0.state.")]  # AdamW: exp_avg, exp_avg_sq, step
+    assert all(".lora_A." in k or ".lora_B." in k for k in opt_keys), opt_keys[:5]
+    assert sum(k.endswith(".exp_avg_sq") for k in opt_keys) == 2 * layers * blocks
+    res = _weights(_fit(config("split", 3), 2, "--ckpt_path", "last"))
+    assert ref.keys() == res.keys() and not any("lora" in k or "base_layer" in k for k in ref)
+    assert max((ref[k] - res[k]).abs().max().item() for k in ref) == 0.0
+    assert max((ref[k] - half[k]).abs().max().item() for k in ref) > 0  # epoch 3 did train
