@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -566,6 +567,10 @@ def drive(args) -> int:
         report["wall_s"] = time.perf_counter() - start
         derive(report)
         write_json(out, report)
+    if not args.workdir:  # a fresh temp folder of ours: GBs of models, runs and exports on the full shape
+        shutil.rmtree(workdir, ignore_errors=True)
+        report["workdir_removed"] = True
+        write_json(out, report)
     for line in summary_lines(report):
         print(line)
     print(f"gpu_check: wrote {out}")
@@ -614,7 +619,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on CPU (with --tiny: the smoke mode)")
     ap.add_argument("--tiny", action="store_true", help="tiny model shape and batch (smoke mode)")
     ap.add_argument("--out", help="JSON result path (default $OUT/gpu_check.json, else runs/gpu_check/)")
-    ap.add_argument("--workdir", help="scratch folder for models and runs (default: a fresh temp folder)")
+    ap.add_argument("--workdir", help="scratch folder for models and runs, kept (default: a fresh temp folder, "
+                                      "removed at the end)")
     ap.add_argument("--phases", type=lambda x: x.split(","), default=list(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all phases together (default 540)")

@@ -7,6 +7,10 @@
 #   bash tools/gpu_check.sh --cpu --tiny     # CPU smoke mode (< 60 s), tests/test_gpu_check.py
 #   bash tools/gpu_check.sh --help           # options of tools/gpu_check.py
 #
+# With this workplace's device `run` tool: `bash tools/fetch_gpu_wheels.sh` here once, then one call
+#   run(command="bash tools/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=600)
+# (the phases share a 540 s budget, --budget); gpu_check.json and gpu_check.log come back from $OUT.
+#
 # Needs torch, lightning, transformers, peft and the repository, no network, no vLLM: the pure-Python runtime
 # dependencies a torch + lightning + transformers + peft image lacks (the CLI's jsonargparse[signatures,omegaconf])
 # are installed, only when their import fails, from wheels in $GPU_CHECK_WHEELS (default .gpu_wheels/, made by
