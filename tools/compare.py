@@ -87,7 +87,8 @@ PAIRS = [("TRRD", "KDRL"), ("TRRD", "OPD"), ("KDRL", "OPD"), ("ReNIO-OPD", "OPD"
          ("OPD-full", "OPD"), ("TRRD-0.3", "TRRD"), ("TRRD-0.7", "TRRD"), ("TRRD-noclamp", "TRRD"),
          ("KDRL-5e-3", "KDRL"), ("KDRL-anneal", "KDRL"), ("FKL", "OPD-full"), ("KL-mix", "OPD-full")]
 #: per-step metrics averaged over a run for the diagnostics table (matched as tag suffixes)
-DIAGNOSTICS = ("zero_variance_groups", "reverse_kl_sampled", "teacher_log_ratio_mean", "teacher_clamp_frac", "clip_frac_low",
+DIAGNOSTICS = ("zero_variance_groups", "reverse_kl_sampled", "kd_estimate", "teacher_log_ratio_mean",
+               "teacher_clamp_frac", "clip_frac_low",
                "clip_frac_high", "pivotal_frac", "samples_with_pivotal", "weight_max", "d_mean")
 TIMING = ("timing/generate", "timing/score", "timing/annotate", "timing/train_step")
 
@@ -155,7 +156,8 @@ def summarize(run_dir: Path) -> dict:
             "entropy_start": s["train/entropy"][0][1] if s.get("train/entropy") else float("nan"),
             "steps": len(s.get("timing/train_step", [])), "wall_seconds": done.get("wall_seconds", float("nan")),
             "val_curve": s.get(mean_tag, []), "reward_curve": s.get("rollout/reward_mean", []),
-            "time_curve": _cumulative_seconds(s), "val_curves": {t[4:]: v for t, v in s.items() if t.startswith("val/")},
+            "time_curve": _cumulative_seconds(s),
+            "val_curves": {t[4:]: v for t, v in s.items() if t.startswith("val/")},
             "diagnostics": {d: _mean(next((v for t, v in s.items() if t.endswith("/" + d)
                                            and not t.startswith(("val/", "timing/"))), [])) for d in DIAGNOSTICS}}
 
@@ -317,13 +319,15 @@ def study_sections(results: dict[str, list[dict]], step_cost: Optional[dict[str,
              f"Final Mean@{k} (all levels) after the same number of rollout batches, and read off each run's "
              f"validation curve at {budget:.0f} {unit} (the training time of the fastest method, {fastest}; "
              f"linear between validation points); time from {how}.", "",
-             f"| method | train {'time' if step_cost else 's'} | Mean@{k} equal batches | Δ equal batches | Mean@{k} equal time | Δ equal time |",
+             f"| method | train {'time' if step_cost else 's'} | Mean@{k} equal batches | Δ equal batches "
+             f"| Mean@{k} equal time | Δ equal time |",
              "|---|---|---|---|---|---|"]
     for m, rs in results.items():
         eq_t = [value_at_time(r["val_curve"], _time_of_step(r, cost[m]), budget) for r in rs]
         lines.append(f"| {m} | {_ms([max(_time_of_step(r, cost[m]).values()) for r in rs], 1, 0)} | "
                      f"{_ms([r['after'][key] for r in rs], 100)} | {_ms([_delta(r, key) for r in rs], 100)} | "
-                     f"{_ms(eq_t, 100)} | {_ms([e - r['before'].get(key, float('nan')) for e, r in zip(eq_t, rs)], 100)} |")
+                     f"{_ms(eq_t, 100)} | "
+                     f"{_ms([e - r['before'].get(key, float('nan')) for e, r in zip(eq_t, rs)], 100)} |")
     pairs = [(m, "GRPO") for m in results if m != "GRPO" and "GRPO" in results]
     pairs += [p for p in PAIRS if p[0] in results and p[1] in results and p not in pairs]
     hard_txt = f" and on the hard levels ({', '.join(hard)}: student below 20 % at step 0)" if hard else ""
@@ -342,7 +346,8 @@ def study_sections(results: dict[str, list[dict]], step_cost: Optional[dict[str,
             row += f" {dh:+.1f} | {ph:.3f} |"
         lines.append(row)
     lines += ["", "## Diagnostics (mean over training steps)", "",
-              "Share of groups whose 8 rewards are all equal (no GRPO / TRRD signal); sampled-token `l_S - l_T` on the student's rollouts (k1 estimate of KL(student || teacher)); TRRD: mean "
+              "Share of groups whose 8 rewards are all equal (no GRPO / TRRD signal); sampled-token `l_S - l_T` on "
+              "the student's rollouts (k1 estimate of KL(student || teacher)); KDRL: mean k2 term; TRRD: mean "
               "unclamped teacher log-ratio and the share of tokens where the ±c clamp binds, clip fractions; ReNIO: "
               "share of tokens that are pivotal (`min(l_S - l_T, c) >= tau`), share of samples with one, largest "
               "weight.", "", "| method | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]
@@ -529,7 +534,8 @@ def main() -> None:
     if not results:
         raise SystemExit("[compare] no finished runs")
     command = "python tools/compare.py " + " ".join(a for a in argv if a not in ("--report-only", "--force"))
-    (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n" + study_sections(results, args.step_cost))
+    (args.out / "README.md").write_text(report(results, args, command.strip()) + "\n"
+                                        + study_sections(results, args.step_cost))
     plot(results, args.out / "curves.png")
     summary = {m: [{k: v for k, v in r.items() if "_curve" not in k} for r in runs]
                for m, runs in results.items()}
