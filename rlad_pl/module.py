@@ -33,12 +33,9 @@ from rlad_pl.teacher import LocalTeacher, TeacherScorer
 from rlad_pl.topk import check_top_k_vocab, requested_top_k
 from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
                             shared_vocab_size, warn_remote_code)
-from rlad_pl.objectives.base import (ENTROPY, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, STUDENT_HIDDEN,
-                                     TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode, Denominators, Objective,
-                                     StudentOutputs)
-
-#: value that replaces NaN / -inf teacher or reference log-probs (spec rlad-trrd.md section 10)
-LOGPROB_FLOOR = -20.0
+from rlad_pl.objectives.base import (ENTROPY, LOGPROB_FLOOR, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS,
+                                     STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode,
+                                     Denominators, Objective, StudentOutputs)
 
 
 def _default_optimizer(params):
