@@ -106,7 +106,9 @@ def test_quick_table_on_smollm2(tmp_path):
         # one timed step: its wall-time difference holds every phase of that step
         assert r["other"] > 0, r
         assert r["wall"] > 2 * r["step"]  # startup and step 0 are outside the per-step number
-    assert grpo["sync"] == grpo["old_lp"] == grpo["teacher"] == 0.0  # HF sampler, no teacher
-    assert trrd["sync"] > 0 and trrd["teacher"] > 0 and trrd["old_lp"] > 0  # weight sync; sampler-mismatch recompute
+    assert grpo["old_lp"] == grpo["teacher"] == 0.0  # HF sampler (no sampler log-probs), no teacher
+    assert trrd["teacher"] > 0 and trrd["old_lp"] > 0  # the teacher; old log-probs for the sampler mismatch
+    # the HF sampler's sync is a no-op (it generates with the trained model); vLLM's copies 538 MB into its engine
+    assert grpo["sync"] < 0.1 * trrd["sync"], (grpo["sync"], trrd["sync"])
     # the two engines (sampler, teacher) run in-process, each with its own copy of the fp32 weights
     assert trrd["peak_gb"] - grpo["peak_gb"] > 2 * WEIGHTS_GB, (grpo["peak_gb"], trrd["peak_gb"])
