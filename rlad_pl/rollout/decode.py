@@ -8,13 +8,17 @@ vary a lot (chain-sum answers: mean ~20 of 64 tokens). This loop:
 - drops a row from the batch (and its KV cache) as soon as it emits ``eos`` (``compact``);
 - samples exactly ``softmax(z / T)`` restricted by top-k then top-p (``transformers``' own warpers, in
   ``generate``'s order), and nothing else: no repetition penalty or other defaults from a model's
-  ``generation_config.json`` (like the vLLM sampler, whose ``generation_config`` is ``"vllm"``).
+  ``generation_config.json`` (like the vLLM sampler, whose ``generation_config`` is ``"vllm"``);
+- with ``vocab_size``, keeps only the first ``vocab_size`` logit columns (an embedding padded past the tokenizer,
+  e.g. Qwen3: 151,936 rows, 151,669 tokens), the trainer's ``log_softmax(z[:V] / T)``; a slice, no per-step work.
 
 With ``compact=False`` it consumes the random stream like ``generate(do_sample=True)`` and returns the same tokens
 for the same seed (tests); compaction changes which random numbers land on which row, not the distribution.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,17 +40,17 @@ def _warp(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tenso
 @torch.no_grad()
 def decode(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, n: int, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           compact: bool = True) -> Tensor:
+           compact: bool = True, vocab_size: Optional[int] = None) -> Tensor:
     """Sample ``n`` responses per left-padded prompt row -> ``[rows * n, max_new_tokens]`` (grouped: rows
     ``i*n .. i*n+n-1`` answer prompt ``i``); after a row's ``eos`` come ``pad_id`` tokens. ``temperature <= 0``:
-    greedy (argmax)."""
+    greedy (argmax). ``vocab_size``: sample (and argmax) over ``logits[:, :vocab_size]`` only (None: all)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     position = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()
+    logits = out.logits[:, -1, :vocab_size].float()
     mask, next_pos = attention_mask, position[:, -1:] + 1
     if n > 1:  # prompt sharing: one prefill per prompt, its cache repeated for the group
         cache.batch_repeat_interleave(n)
@@ -83,6 +87,6 @@ def decode(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                     use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1, :vocab_size].float()
         next_pos = next_pos + 1
     return tokens

@@ -19,8 +19,11 @@ class HFSampler(Sampler):
 
     Sampling runs ``rlad_pl.rollout.decode`` (prompt sharing, finished rows leave the batch, no per-step
     ``generate`` plumbing; ``decode: generate`` keeps ``transformers``' ``generate``, which also applies the model's
-    ``generation_config.json`` defaults). Calls are cut by *sequences*, not prompts: 1024 prompts x 1 sample take as
-    few calls as 128 x 8 (per-token Python cost is per call, so 16 calls of 64 rows took 2.2x the time of 2 of 512).
+    ``generation_config.json`` defaults). Either way only the tokenizer's ``len(tokenizer)`` ids are sampled: an LM
+    head padded past the tokenizer (Qwen3: 151,936 rows, 151,669 tokens) has its extra columns dropped, so the
+    sampler draws from the trainer's ``softmax(logits[:V] / T)``. Calls are cut by *sequences*, not prompts: 1024
+    prompts x 1 sample take as few calls as 128 x 8 (per-token Python cost is per call, so 16 calls of 64 rows took
+    2.2x the time of 2 of 512).
 
     Args:
         batch_size: sequences (prompts x samples) per engine call, at least one prompt (bounds the KV cache).
@@ -69,6 +72,11 @@ class HFSampler(Sampler):
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        vocab = len(tok)  # the trainer's V (rlad_pl.models.shared_vocab_size)
+        if self.decode == "generate" and _head_rows(model) > vocab:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_FirstColumns(vocab)])  # runs before T / top-k / top-p
         completions: list[list[int]] = []
         finished: list[bool] = []
         try:
@@ -82,7 +90,7 @@ class HFSampler(Sampler):
                         out = decode(model, ids, mask, n=kwargs["num_return_sequences"], eos_id=eos_id,
                                      pad_id=pad_id, max_new_tokens=params.max_new_tokens,
                                      temperature=0.0 if greedy else params.temperature, top_k=params.top_k,
-                                     top_p=params.top_p)
+                                     top_p=params.top_p, vocab_size=vocab)
                     else:
                         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
                     for row in out.tolist():
@@ -98,3 +106,21 @@ class HFSampler(Sampler):
             completions = [row for row in completions for _ in range(params.n)]
             finished = [f for f in finished for _ in range(params.n)]
         return Generation(completions, finished)
+
+
+def _head_rows(model) -> int:
+    """Rows of the LM head (logit columns), which may exceed the tokenizer's size."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size", 0) or 0)
+
+
+class _FirstColumns:
+    """``generate`` logits processor: ids ``>= vocab`` (padding rows of the LM head) get ``-inf``."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab:] = float("-inf")
+        return scores

@@ -18,6 +18,12 @@ set here unless already set), so a weight sync passes tensors by reference, with
    with a cross-rank transfer.
 3. ``generate`` asks for the sampled token's log-prob (``SamplingParams(logprobs=0)``).
 
+**Padded vocabularies.** When the engine's vocabulary (LM-head rows, e.g. Qwen3's 151,936) exceeds the tokenizer's
+``V = len(tokenizer)`` (151,669), ``setup`` wraps the model's ``compute_logits`` in the worker so ids ``>= V`` get
+``-inf``: greedy, temperature, top-k / top-p and the reported log-probs all work over the first ``V`` ids, the
+trainer's ``log_softmax(logits[:V] / T)``. (``SamplingParams.allowed_token_ids`` is no substitute: vLLM's model
+runner V2 caps it at 1,024 ids, and it would cost a 151k-id list per request.)
+
 **Which log-probs.** vLLM's default ``logprobs_mode="raw_logprobs"`` reports ``log_softmax(logits)`` *before*
 temperature, and ``"processed_logprobs"`` reports them after temperature *and* after top-k / top-p filtering,
 renormalised over the kept tokens (so they carry ``-log(kept mass)``). The trainer computes
@@ -242,6 +248,25 @@ def _worker_install_logprob_hook(worker) -> str:
     return ""
 
 
+def _worker_mask_padded_vocab(worker, vocab: int) -> bool:
+    """Wrap the model's ``compute_logits`` so that logit columns ``>= vocab`` (LM-head rows past the tokenizer) are
+    ``-inf`` before the sampler sees them (one in-place fill per step). Idempotent; False if there is no hook point."""
+    model = _worker_model(worker)
+    original = getattr(model, "_rlad_compute_logits", None) or getattr(model, "compute_logits", None)
+    if not callable(original):
+        return False
+
+    def compute_logits(hidden_states, *args, **kwargs):
+        logits = original(hidden_states, *args, **kwargs)
+        if logits is not None and logits.shape[-1] > vocab:
+            logits[..., vocab:] = float("-inf")
+        return logits
+
+    model._rlad_compute_logits = original
+    model.compute_logits = compute_logits
+    return True
+
+
 def _worker_head_size(worker) -> int:
     return int(worker.vllm_config.model_config.get_head_size())
 
@@ -397,6 +422,13 @@ class VLLMSampler(Sampler):
             torch.set_num_threads = set_threads
             if torch.get_num_threads() != n_threads:
                 torch.set_num_threads(n_threads)
+        engine_vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
+        if engine_vocab > len(tokenizer):  # padded LM head: sample only the tokenizer's ids (the trainer's V)
+            if not all(self.llm.collective_rpc(_worker_mask_padded_vocab, args=(len(tokenizer),))):
+                self.close()
+                raise ConfigError("data.sampler", f"the student's LM head has {engine_vocab} rows, the tokenizer "
+                                  f"{len(tokenizer)} tokens, and this vLLM version could not be hooked to sample only "
+                                  "the tokenizer's ids; use HFSampler")
         hooks = self.llm.collective_rpc(_worker_install_logprob_hook)
         self.logprob_hook = hooks[0] if hooks and all(h == hooks[0] for h in hooks) else ""
         if not self.logprob_hook:
