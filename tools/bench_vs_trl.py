@@ -365,8 +365,8 @@ def main(argv=None) -> None:
     names = ["grpo", "opd"] if args.workload == "both" else [args.workload]
     import trl
 
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    print(f"bench_vs_trl: rlad_pl (git {git_head()}) vs TRL {trl.__version__}, {started}", flush=True)
+    started, head = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), git_head()  # what the runs import
+    print(f"bench_vs_trl: rlad_pl (git {head}) vs TRL {trl.__version__}, {started}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         results = [bench(table[n], args, Path(tmp)) for n in names]
     lines = [line for res in results for line in report(res, args)]
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
     if args.append_md:
         cmd = "python tools/bench_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(args.append_md, "a") as f:
-            f.write(f"\n## {started}, git {git_head()}, load average {os.getloadavg()[0]:.1f}\n\n`{cmd}`\n\n```\n"
+            f.write(f"\n## {started}, git {head}, load average {os.getloadavg()[0]:.1f}\n\n`{cmd}`\n\n```\n"
                     + "\n".join(lines) + "\n```\n")
 
 
