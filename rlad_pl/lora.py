@@ -39,6 +39,8 @@ SHORT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 #: LoraConfig fields rlad_pl cannot honour exactly, with the reason
 UNSUPPORTED = {
     "use_dora": "DoRA's magnitude vector is not merged by the weight sync / export",
+    "lora_bias": "the lora_B bias is not merged by the weight sync / export",
+    "layer_replication": "replicated layers change the model's layout, which the weight sync / export keep",
     "modules_to_save": "fully trained module copies are not supported; target them with LoRA",
     "target_parameters": "LoRA on bare parameters is not supported; use target_modules",
     "task_type": "always CAUSAL_LM",

@@ -63,6 +63,7 @@ def _batch(tok, texts=("12+7=", "abc", "9*9=", "hello"), response="aab1+2"):
     ({"rank": 8}, "model.lora.rank", "unknown LoraConfig field"),
     ({"alpha": 8, "lora_alpha": 8}, "model.lora.lora_alpha", "given twice"),
     ({"use_dora": True}, "model.lora.use_dora", "not supported"),
+    ({"lora_bias": True}, "model.lora.lora_bias", "not merged"),
     ({"modules_to_save": ["lm_head"]}, "model.lora.modules_to_save", "not supported"),
     ({"init_lora_weights": "pissa"}, "model.lora.init_lora_weights", "modify the base weights"),
     ({"target_modules": ["lm_head"]}, "model.lora.target_modules", "LM head"),

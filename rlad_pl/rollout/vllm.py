@@ -57,7 +57,7 @@ tensors (no disk), drops the previous adapter and activates the new one under a 
 by id: reusing one would keep serving the old tensors), and every request carries that id's ``LoRARequest`` (its
 path does not exist, so a reload vLLM might attempt fails loudly instead of serving stale weights). Refused at
 ``setup`` in one line, before training: a non-LoRA model; trainable non-adapter tensors (``bias``); PEFT features
-vLLM's LoRA lacks (``lora_bias``, ``layer_replication``, ...); a per-module rank / scaling vLLM would compute
+vLLM's LoRA lacks (its ``PEFTHelper`` list); a per-module rank / scaling vLLM would compute
 differently from PEFT (alpha / r vs rsLoRA, patterns); rank > 512; modules vLLM cannot LoRA; ``sleep_level: 2``
 (it would drop the base). A sharded student's base is sent once, at the first sync.
 
