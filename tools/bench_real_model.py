@@ -214,7 +214,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--chunks", type=int, nargs="*", default=None,
                    help="extra GRPO / HF rows at these model.logprob_chunk_size values (default 8 32; --quick: none)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every cell (median)")
-    p.add_argument("--steps", type=int, default=None, help="rollout batches per cell (step 0 is the warm-up)")
+    p.add_argument("--steps", type=int, default=None, help="rollout batches per cell (>= 2; step 0 is the warm-up)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per rollout batch (default 4; --quick: 2)")
+    p.add_argument("--group", type=int, default=None, help="samples per prompt (default 4; --quick: 2)")
+    p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64; --quick: 8)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     from rlad_pl.real_model import default_dir, is_complete
@@ -224,12 +227,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"bench_real_model: error: --model: {model_dir} is not a built model folder; run "
               f"python tools/build_real_model.py", file=sys.stderr)
         return 2
-    sizes = QUICK if args.quick else FULL
-    if args.steps is not None:
-        if args.steps < 2:
-            print("bench_real_model: error: --steps: expected >= 2 (step 0 is the warm-up)", file=sys.stderr)
+    base = QUICK if args.quick else FULL
+    given = {"steps": args.steps, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}
+    for name, value in given.items():
+        if value is not None and value < (2 if name == "steps" else 1):
+            flag = "--" + name.replace("_", "-")
+            print(f"bench_real_model: error: {flag}: expected an integer >= {2 if name == 'steps' else 1}"
+                  f"{' (step 0 is the warm-up)' if name == 'steps' else ''}, got {value}", file=sys.stderr)
             return 2
-        sizes = Sizes(args.steps, sizes.prompts, sizes.group, sizes.new_tokens, sizes.kv_cache_mib)
+    sizes = Sizes(**{k: getattr(base, k) if v is None else v for k, v in given.items()},
+                  kv_cache_mib=base.kv_cache_mib)
     if args.repeats < 1:
         print("bench_real_model: error: --repeats: expected >= 1", file=sys.stderr)
         return 2
