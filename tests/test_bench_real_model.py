@@ -47,7 +47,8 @@ def test_per_step_is_the_median_wall_time_difference_after_step_0_and_the_phase_
 
 def test_speed_up_is_against_the_hf_local_row_of_the_same_objective():
     rows = [{"cell": B.Cell("grpo", "hf"), "step": 10.0}, {"cell": B.Cell("grpo", "vllm"), "step": 4.0},
-            {"cell": B.Cell("trrd", "hf", "local"), "step": 12.0}, {"cell": B.Cell("trrd", "vllm", "vllm"), "step": 3.0},
+            {"cell": B.Cell("trrd", "hf", "local"), "step": 12.0},
+            {"cell": B.Cell("trrd", "vllm", "vllm"), "step": 3.0},
             {"cell": B.Cell("grpo", "hf", chunk=8), "step": 11.0}]
     for r in rows:
         r.update(generate=1.0, sync=0.0, old_lp=0.0, teacher=0.0, update=1.0, other=0.0, peak_gb=3.0)
@@ -56,6 +57,20 @@ def test_speed_up_is_against_the_hf_local_row_of_the_same_objective():
     assert speed == {"GRPO, hf sampler": "1.00x", "GRPO, vllm sampler": "2.50x", "TRRD, hf sampler, local teacher":
                      "1.00x", "TRRD, vllm sampler, vllm teacher": "4.00x", "GRPO, hf sampler, chunk 8": "0.91x"}
     assert B.baseline(rows[:1], B.Cell("trrd", "vllm", "vllm")) is None  # no reference row: '-'
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--steps", "1"], "--steps: expected an integer >= 2 (step 0 is the warm-up), got 1"),
+    (["--new-tokens", "0"], "--new-tokens: expected an integer >= 1, got 0"),
+    (["--repeats", "0"], "--repeats: expected an integer >= 1, got 0"),
+    (["--chunks", "0", "3"], "--chunks: expected positive integers, got [0, 3]"),
+    (["--model", "/nonexistent/smol"], "--model: /nonexistent/smol is not a built model folder; run "
+                                       "python tools/build_real_model.py"),
+])
+def test_bad_arguments_are_one_line_before_any_run(argv, line, capsys):
+    assert B.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err == f"bench_real_model: error: {line}\n" and out.out == ""
 
 
 def test_every_cell_overlay_reaches_the_cli_as_named(tmp_path, capsys):

@@ -207,9 +207,16 @@ def format_table(rows: list[dict], sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
+def _fail(flag: str, message: str) -> int:
+    """One line naming the flag and what was expected; the exit status of bad input."""
+    print(f"bench_real_model: error: {flag}: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 cells, 2 steps of 2 prompts x 2 samples x 8 tokens, no chunk rows")
+    p.add_argument("--quick", action="store_true",
+                   help="2 cells, 2 steps of 2 prompts x 2 samples x 8 tokens, no chunk rows")
     p.add_argument("--model", default=None, help="the model folder (default: rlad_pl.real_model.default_dir())")
     p.add_argument("--chunks", type=int, nargs="*", default=None,
                    help="extra GRPO / HF rows at these model.logprob_chunk_size values (default 8 32; --quick: none)")
@@ -220,38 +227,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64; --quick: 8)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    given = {"steps": args.steps, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}
+    for name, value in given.items():
+        least = 2 if name == "steps" else 1
+        if value is not None and value < least:
+            return _fail("--" + name.replace("_", "-"), f"expected an integer >= {least}"
+                         f"{' (step 0 is the warm-up)' if name == 'steps' else ''}, got {value}")
+    sizes = Sizes(**{k: getattr(base, k) if v is None else v for k, v in given.items()},
+                  kv_cache_mib=base.kv_cache_mib)
+    if args.repeats < 1:
+        return _fail("--repeats", f"expected an integer >= 1, got {args.repeats}")
+    chunks = args.chunks if args.chunks is not None else ([] if args.quick else [8, 32])
+    if any(c < 1 for c in chunks):
+        return _fail("--chunks", f"expected positive integers, got {chunks}")
     from rlad_pl.real_model import default_dir, is_complete
 
     model_dir = str(Path(args.model).expanduser() if args.model else default_dir())
     if not is_complete(model_dir):
-        print(f"bench_real_model: error: --model: {model_dir} is not a built model folder; run "
-              f"python tools/build_real_model.py", file=sys.stderr)
-        return 2
-    base = QUICK if args.quick else FULL
-    given = {"steps": args.steps, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}
-    for name, value in given.items():
-        if value is not None and value < (2 if name == "steps" else 1):
-            flag = "--" + name.replace("_", "-")
-            print(f"bench_real_model: error: {flag}: expected an integer >= {2 if name == 'steps' else 1}"
-                  f"{' (step 0 is the warm-up)' if name == 'steps' else ''}, got {value}", file=sys.stderr)
-            return 2
-    sizes = Sizes(**{k: getattr(base, k) if v is None else v for k, v in given.items()},
-                  kv_cache_mib=base.kv_cache_mib)
-    if args.repeats < 1:
-        print("bench_real_model: error: --repeats: expected >= 1", file=sys.stderr)
-        return 2
-    chunks = args.chunks if args.chunks is not None else ([] if args.quick else [8, 32])
-    if any(c < 1 for c in chunks):
-        print("bench_real_model: error: --chunks: expected positive integers", file=sys.stderr)
-        return 2
+        return _fail("--model", f"{model_dir} is not a built model folder; run python tools/build_real_model.py")
     rows = cells(args.quick, chunks)
     load0 = os.getloadavg()[0]
     print(f"SmolLM2-135M-Instruct ({model_dir}), {len(rows)} cells x {args.repeats}: {sizes.steps} steps of "
           f"{sizes.prompts} prompts x {sizes.group} samples x {sizes.new_tokens} new tokens, micro-batch "
           f"{sizes.prompts * sizes.group}, {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads", flush=True)
     table = run_table(rows, model_dir, sizes, args.repeats, log=lambda m: print(m, flush=True))
-    print(f"\nseconds per step after warm-up (median over steps 1..{sizes.steps - 1}{' and repeats' if args.repeats > 1 else ''}); "
-          f"phases: mean s per step; x base: speed-up over the HF-sampler, local-teacher row of the objective")
+    over = f"steps 1..{sizes.steps - 1}" + (" and repeats" if args.repeats > 1 else "")
+    print(f"\nseconds per step after warm-up (median over {over}); phases: mean s per step; x base: speed-up over "
+          f"the HF-sampler, local-teacher row of the objective")
     print("TRRD's teacher is SmolLM2-135M-Instruct itself (frozen initial weights): there is only one real model.")
     print(format_table(table, sizes))
     print(f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
