@@ -444,8 +444,15 @@ class ServerTeacher(TeacherScorer):
         plps = []
         for s in range(0, len(rows), self.batch_size):
             part = rows[s:s + self.batch_size]
-            res = self._request("/v1/completions", {"model": self.model, "prompt": part, "max_tokens": 1,
-                                                    "temperature": 0.0, "prompt_logprobs": n})
+            try:
+                res = self._request("/v1/completions", {"model": self.model, "prompt": part, "max_tokens": 1,
+                                                        "temperature": 0.0, "prompt_logprobs": n})
+            except ConfigError as e:
+                if n > 0 and "HTTP 400" in str(e):  # vLLM: "Requested prompt logprobs of n, ... max allowed: m"
+                    raise ConfigError(f"{FIELD}.init_args.url", f"the teacher server at {self.url} refused "
+                                      f"prompt_logprobs={n} (teacher_top_k); start it with --max-logprobs {n} or "
+                                      f"more ({e.message.split('/v1/completions ')[-1]})") from None
+                raise
             choices = sorted(res.get("choices", []), key=lambda c: c.get("index", 0))
             if len(choices) != len(part):
                 raise ConfigError(f"{FIELD}.init_args.url", f"the teacher server answered {len(choices)} choices "

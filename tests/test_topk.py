@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, make_batch, run_cli, scalars
-from test_teacher_backends import ASSETS, ENGINE, _rollout, needs_vllm
+from test_teacher_backends import ASSETS, ENGINE, _rollout, needs_vllm, teacher_server  # noqa: F401 (fixture)
 from rlad_pl.divergences import VOCAB_LOGPROB_FLOOR
 from rlad_pl.errors import ConfigError
 from rlad_pl.objectives import GKDJSD, OPSD, ForwardKL, KLMix, ReverseKL, SkewKL
@@ -231,3 +231,29 @@ def test_vllm_top_k_equals_local_top_k():
         remote.teacher_backend.close()
     print("\nmax |vllm - local| (log-prob, tail mass):", {f"T={t},k={k}": f"{a:.1e}, {b:.1e}"
                                                           for (t, k), (a, b) in worst.items()})
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_server_top_k_equals_local_top_k(teacher_server):
+    """The OpenAI-compatible server (``prompt_logprobs: k``, started with ``--max-logprobs 20``) gives the local
+    top-k; a k above the server's limit is one line naming the flag."""
+    from rlad_pl.teacher import ServerTeacher
+
+    url, folder = teacher_server
+    local = _topk_module(None, 21)
+    served = _topk_module(ServerTeacher(url=url, model=folder, batch_size=5), 21)
+    batch = _rollout(local.tokenizer, n=12, seed=5, privileged=True)  # the teacher's own (privileged) layout
+    m = batch.response_mask > 0
+    want = local.teacher_backend.topk(batch, k=8, temperature=1.0, chunk_size=4, vocab_size=55)
+    got = served.teacher_backend.topk(batch, k=8, temperature=1.0, chunk_size=4, vocab_size=55)
+    assert torch.equal(got.ids[m], want.ids[m])
+    d_lp = (got.logprobs[m] - want.logprobs[m]).abs().max().item()
+    d_tail = (got.tail[m].exp() - want.tail[m].exp()).abs().max().item()
+    print(f"\nserver top-8: max |server - local| log-prob {d_lp:.1e}, tail mass {d_tail:.1e}")
+    assert d_lp < 1e-4 and d_tail < 1e-4
+    with pytest.raises(ConfigError, match=rf"^model\.teacher_backend\.init_args\.url: the teacher server at {url} "
+                                          r"refused prompt_logprobs=21 \(teacher_top_k\); start it with "
+                                          r"--max-logprobs 21 or more"):
+        served.teacher_backend.topk(batch, k=21, temperature=1.0, chunk_size=4, vocab_size=55)
