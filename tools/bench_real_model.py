@@ -83,9 +83,11 @@ FULL = Sizes(steps=4, prompts=4, group=4, new_tokens=64)
 QUICK = Sizes(steps=2, prompts=2, group=2, new_tokens=8, kv_cache_mib=128)
 
 
-def cells(quick: bool, chunks: list[int]) -> list[Cell]:
+def cells(quick: bool, chunks: list[int], only: str = "all") -> list[Cell]:
     """The table's rows: 6 cells (``--quick``: GRPO / HF and TRRD / vLLM sampler / vLLM teacher) plus GRPO / HF at
-    each chunk size of ``chunks``."""
+    each chunk size of ``chunks``; ``only="chunks"``: GRPO / HF at the default chunk and at ``chunks``."""
+    if only == "chunks":
+        return [Cell("grpo", "hf")] + [Cell("grpo", "hf", chunk=c) for c in chunks]
     if quick:
         main = [Cell("grpo", "hf"), Cell("trrd", "vllm", "vllm")]
     else:
@@ -225,6 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="prompts per rollout batch (default 4; --quick: 2)")
     p.add_argument("--group", type=int, default=None, help="samples per prompt (default 4; --quick: 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64; --quick: 8)")
+    p.add_argument("--only", choices=("all", "chunks"), default="all",
+                   help="chunks: only the GRPO / HF rows (default chunk and --chunks), for the LM-head memory")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -246,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir = str(Path(args.model).expanduser() if args.model else default_dir())
     if not is_complete(model_dir):
         return _fail("--model", f"{model_dir} is not a built model folder; run python tools/build_real_model.py")
-    rows = cells(args.quick, chunks)
+    rows = cells(args.quick, chunks, args.only)
     load0 = os.getloadavg()[0]
     print(f"SmolLM2-135M-Instruct ({model_dir}), {len(rows)} cells x {args.repeats}: {sizes.steps} steps of "
           f"{sizes.prompts} prompts x {sizes.group} samples x {sizes.new_tokens} new tokens, micro-batch "
