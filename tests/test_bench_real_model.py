@@ -76,6 +76,8 @@ def test_bad_arguments_are_one_line_before_any_run(argv, line, capsys):
 def test_every_cell_overlay_reaches_the_cli_as_named(tmp_path, capsys):
     rows = B.cells(quick=False, chunks=[8])
     assert len(rows) == 7 and len(set(rows)) == 7
+    assert B.cells(quick=False, chunks=[8, 32], only="chunks") == [B.Cell("grpo", "hf"), B.Cell("grpo", "hf", chunk=8),
+                                                                 B.Cell("grpo", "hf", chunk=32)]
     model = str(tmp_path / "smol")
     for cell in rows:
         cfg = tmp_path / f"{cell.objective}-{cell.sampler}-{cell.teacher}-{cell.chunk}.yaml"

@@ -1,8 +1,13 @@
 """Seconds per step on CPU of the real model (SmolLM2-135M-Instruct, 49,152-token vocabulary), one table.
 
     python tools/build_real_model.py               # once (see rlad_pl/real_model.py)
-    python tools/bench_real_model.py               # the full table (~25 min on 2 cores)
-    python tools/bench_real_model.py --quick       # 2 cells, tiny sizes (the test's run, ~1 min)
+    python tools/bench_real_model.py               # the full table: 8 cells, 4 steps of 4 prompts x 4 x 64 tokens
+    python tools/bench_real_model.py --steps 3 --prompts 2 --group 4 --new-tokens 32 --chunks 8   # README table
+    python tools/bench_real_model.py --only chunks --steps 2 --prompts 2 --group 4 --new-tokens 256 --chunks 32
+    python tools/bench_real_model.py --quick       # 2 cells, tiny sizes (the test's run)
+
+Measured on the shared 2-core machine: the README's table took 21 min at a load average of 14 -> 5, ``--quick``
+5.5 min at ~20 (a few times less on a quiet machine).
 
 Cells: GRPO and TRRD, each with the Hugging Face sampler (``HFSampler``) and the vLLM sampler (``VLLMSampler``),
 and for TRRD the ``local`` and ``vllm`` teacher backends (``model.teacher_backend``). There is only one real model,
