@@ -73,6 +73,7 @@ def test_bad_arguments_are_one_line_before_any_run(argv, line, capsys):
     assert out.err == f"bench_real_model: error: {line}\n" and out.out == ""
 
 
+@pytest.mark.slow  # 7 in-process parses: 77 s measured at a load average of ~6 on 2 cores
 def test_every_cell_overlay_reaches_the_cli_as_named(tmp_path, capsys):
     rows = B.cells(quick=False, chunks=[8])
     assert len(rows) == 7 and len(set(rows)) == 7
