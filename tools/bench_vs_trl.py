@@ -76,11 +76,11 @@ QUICK = {
 }
 
 DOES = {
-    ("grpo", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler generate, verifier, group advantages, "
+    ("grpo", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler decode loop, verifier, group advantages, "
                          "GRPO eps 0.2/0.28, loss_agg token_mean, AdamW",
     ("grpo", "TRL"): "GRPOTrainer: transformers generate, same verifier as reward_funcs, scale_rewards group, "
                      "loss_type dapo, epsilon 0.2 / epsilon_high 0.28, beta 0, adamw_torch",
-    ("opd", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler generate, verifier, OPDFullVocab "
+    ("opd", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler decode loop, verifier, OPDFullVocab "
                         "(chunked full-vocabulary reverse KL vs the demo teacher), loss_agg token_mean, AdamW",
     ("opd", "TRL"): "DistillationTrainer: transformers generate, beta 1 (reverse KL, chunked), the demo teacher, "
                     "verifier on its completions (logged only), adamw_torch",
