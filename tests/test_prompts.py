@@ -191,7 +191,7 @@ def test_opsd_student_and_privileged_teacher_prompts_use_the_prompt_format(tmp_p
 @pytest.mark.vllm
 def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
     """The ids the data module encodes (chat template + system prompt + kwargs) are what vLLM's engine processes
-    (its ``RequestOutput.prompt_token_ids``) and what HF ``generate`` gets (unpadded); greedy outputs match."""
+    (its ``RequestOutput.prompt_token_ids``) and what the HF sampler's decode loop gets (unpadded); greedy outputs match."""
     import importlib.util
     import os
 
@@ -210,17 +210,21 @@ def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
     assert [tok.decode(ids, skip_special_tokens=False) for ids in prompt_ids] == [chat_text("add.", t) for t in texts]
     params = SamplingParams(temperature=0.0, max_new_tokens=8, n=1, seed=0)
 
+    import rlad_pl.rollout.hf as hf_module
+
     hf, hf_inputs = HFSampler(), []
     hf.setup(student, tok)
-    real_generate = student.generate
+    real_decode = hf_module.decode
 
-    def hf_spy(input_ids, attention_mask, **kw):
+    def hf_spy(model, input_ids, attention_mask, **kw):  # the HF sampler's decode loop gets the unpadded ids
         hf_inputs.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
-        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return real_decode(model, input_ids, attention_mask, **kw)
 
-    student.generate = hf_spy
-    hf_gen = hf.generate(prompt_ids, params)
-    del student.generate
+    hf_module.decode = hf_spy
+    try:
+        hf_gen = hf.generate(prompt_ids, params)
+    finally:
+        hf_module.decode = real_decode
 
     engine = VLLMSampler(dtype="float32", max_model_len=256, seed=0,
                          engine_kwargs={"kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8,
