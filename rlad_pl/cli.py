@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from rlad_pl.errors import ConfigError
+from rlad_pl.compiled import check_compile
 
 
 def _cli_class(state: dict):
@@ -82,6 +83,8 @@ def _cli_class(state: dict):
                         found |= set(cb._find_last_checkpoints(self.trainer))
                 if found:
                     check_resume(max(found, key=os.path.getmtime), cfg.get("model"))
+            if getattr(self.model, "compiled", False):  # before the logger writes anything
+                check_compile(self.trainer.strategy.root_device, type(self.trainer.strategy).__name__)
             state["started"] = True
             super()._run_subcommand(subcommand)
 

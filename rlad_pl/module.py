@@ -21,6 +21,7 @@ from torch import Tensor
 
 from rlad_pl.batch import RolloutBatch, StepBatch
 from rlad_pl.checkpointing import defer_sigint
+from rlad_pl.compiled import check_compile, compile_backbone
 from rlad_pl.distributed import reshard, root_call
 from rlad_pl.errors import ConfigError
 from rlad_pl.evaluation import EvaluationHooks
@@ -83,6 +84,9 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default: a frozen
             Hugging Face model in the trainer, exact, every input) or ``VLLMTeacher`` (an in-process vLLM engine,
             sampled-token log-probs by prefill).
+        compile: ``torch.compile`` the backbones of the training forward passes (``rlad_pl.compiled``): the
+            student's update and annotation passes and a local teacher. Agrees with eager to ~1e-5, not
+            bit-identical; not under ``ModelParallelStrategy`` yet; the sampler's decode loop stays eager.
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -96,7 +100,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, trust_remote_code: bool = False,
                  max_consecutive_skipped_steps: int = 5, lora: Optional[dict[str, Any]] = None,
-                 teacher_backend: Optional[TeacherScorer] = None):
+                 teacher_backend: Optional[TeacherScorer] = None, compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler", "teacher_backend"])
         self.automatic_optimization = False
@@ -156,6 +160,10 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             self.reference = (self.lora.base_view() if self.lora is not None else
                               load_causal_lm(student_src, "model.student", dtype, trainable=False))
         frozen = [m for m in (self.teacher, self.reference) if m is not None]
+        self.compiled = bool(compile)  # (not ``self.compile``: that is nn.Module.compile)
+        if self.compiled:  # a side table of compiled backbones: modules and state dicts stay as they are
+            for m in (self.student, *frozen):
+                compile_backbone(m)
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
         check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
@@ -187,6 +195,8 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         if dm is None:
             return
         check_groups(self.objectives, dm)
+        if self.compiled:
+            check_compile(self.trainer.strategy.root_device, type(self.trainer.strategy).__name__)
         sampling = getattr(dm, "sampling", None)
         if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
             self.temperature = float(sampling.temperature)

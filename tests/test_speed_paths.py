@@ -95,3 +95,55 @@ def test_sampler_arguments_checked():
         HFSampler(batch_size=0)
     with pytest.raises(ConfigError, match="decode.*loop, generate"):
         HFSampler(decode="beam")
+
+
+class _Recording:
+    """A task that records which thread asked for which problems."""
+
+    prefetch_safe = True
+
+    def __init__(self, fail_at=None):
+        from rlad_pl.data import CharFrequencyTask
+
+        self.inner, self.calls, self.fail_at = CharFrequencyTask(target="a"), [], fail_at
+
+    def problems(self, split, count, offset=0):
+        import threading
+
+        self.calls.append((offset, threading.current_thread().name))
+        if offset == self.fail_at:
+            raise ValueError(f"no problems at {offset}")
+        return self.inner.problems(split, count, offset)
+
+
+def test_next_rollouts_problems_are_prefetched_and_equal():
+    from rlad_pl.data.datamodule import RolloutDataModule
+
+    task = _Recording()
+    dm = RolloutDataModule(task=task, prompts_per_rollout=3, group_size=1, micro_batch_size=3)
+    assert dm._train_problems(0) == task.inner.problems("train", 3, 0)  # nothing prefetched: computed now
+    dm._prefetch_problems(3)
+    got = dm._train_problems(3)
+    assert got == task.inner.problems("train", 3, 3)
+    assert task.calls[-1][0] == 3 and task.calls[-1][1].startswith("rlad_pl-problems")  # ... by the thread
+    # a resumed run asks for another offset than the one prefetched: that one is computed, not the stale list
+    dm._prefetch_problems(6)
+    assert dm._train_problems(9) == task.inner.problems("train", 3, 9)
+    assert task.calls[-1] == (9, "MainThread")
+    # the task's error reaches the caller, as if problems() had been called there
+    task.fail_at = 12
+    dm._prefetch_problems(12)
+    with pytest.raises(ValueError, match="no problems at 12"):
+        dm._train_problems(12)
+    dm.teardown("fit")
+    assert dm._prefetcher is None
+
+
+def test_tasks_that_do_not_declare_prefetch_safe_are_not_prefetched():
+    from rlad_pl.data.datamodule import RolloutDataModule
+
+    task = _Recording()
+    task.prefetch_safe = False
+    dm = RolloutDataModule(task=task, prompts_per_rollout=3, group_size=1, micro_batch_size=3)
+    dm._prefetch_problems(3)
+    assert dm._prefetcher is None and dm._next_problems is None and task.calls == []

@@ -139,8 +139,9 @@ def __getattr__(name: str):  # ``bench_vs_trl.StepClock`` as a class_path for ``
     raise AttributeError(name)
 
 
-def run_rlad(w: Workload, steps: int, out: Path, work: Path) -> None:
-    """rlad_pl through its CLI: ``configs/demo.yaml`` with the workload's objective and sizes."""
+def run_rlad(w: Workload, steps: int, out: Path, work: Path, compile: bool = False) -> None:
+    """rlad_pl through its CLI: ``configs/demo.yaml`` with the workload's objective and sizes (``compile``:
+    ``--model.compile true``)."""
     from rlad_pl.cli import main
 
     obj = ({"class_path": "rlad_pl.objectives.OPDFullVocab"} if w.teacher else
@@ -157,10 +158,10 @@ def run_rlad(w: Workload, steps: int, out: Path, work: Path) -> None:
           "--export.enabled", "false",
           "--data.prompts_per_rollout", str(w.prompts), "--data.group_size", str(w.samples),
           "--data.micro_batch_size", str(w.micro_batch), "--data.sampling.max_new_tokens", str(w.new_tokens),
-          "--data.sampling.temperature", str(w.temperature)])
+          "--data.sampling.temperature", str(w.temperature), "--model.compile", str(compile).lower()])
 
 
-def run_trl(w: Workload, steps: int, out: Path, work: Path) -> None:
+def run_trl(w: Workload, steps: int, out: Path, work: Path, compile: bool = False) -> None:
     """TRL 1.16: ``GRPOTrainer`` or ``DistillationTrainer`` on the same models, prompts, sizes and settings."""
     import torch
     from datasets import Dataset
@@ -198,7 +199,7 @@ def run_trl(w: Workload, steps: int, out: Path, work: Path) -> None:
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   optim="adamw_torch", max_steps=steps, shuffle_dataset=False, bf16=False, fp16=False,
                   gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-                  disable_tqdm=True, seed=0, use_cpu=True, dataloader_num_workers=0)
+                  disable_tqdm=True, seed=0, use_cpu=True, dataloader_num_workers=0, torch_compile=compile)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     if w.teacher:
         class ScoredDistillation(DistillationTrainer):
@@ -232,7 +233,7 @@ def run_job(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     w = Workload(**job["workload"])
     fn = run_rlad if job["side"] == "rlad_pl" else run_trl
-    fn(w, job["steps"], Path(job["out"]), Path(job["work"]))
+    fn(w, job["steps"], Path(job["out"]), Path(job["work"]), compile=job.get("compile", False))
 
 
 # ------------------------------------------------------------------------------------------------ orchestration

@@ -58,6 +58,8 @@ class ChainSumTask(Task):
             draw them like the train split.
     """
 
+    prefetch_safe = True  # problems() is a pure function of its arguments
+
     def __init__(self, min_terms: int = 2, max_terms: int = 5, min_digits: int = 1, max_digits: int = 2,
                  seeds: Optional[dict[str, int]] = None, train_size: int = 100_000_000, stratified_eval: bool = True):
         if not 2 <= min_terms <= max_terms:

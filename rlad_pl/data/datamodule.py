@@ -137,6 +137,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.samples: list[tuple[str, str, float]] = []
         self._sampler_ready = False
         self._synced_at_step = -1
+        self._next_problems = None  # (offset, count, Future): the next rollout's problems, prepared in a thread
+        self._prefetcher = None
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -356,13 +358,35 @@ class RolloutDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world, epoch = trainer.global_rank, trainer.world_size, trainer.current_epoch
         offset = (epoch * world + rank) * self.prompts_per_rollout
-        problems = self.task.problems("train", self.prompts_per_rollout, offset=offset)
+        problems = self._train_problems(offset)
         seed = self.seed + 1_000_003 * epoch + 7919 * rank
         rollout = self.make_rollout(problems, seed, first_index=offset)
+        self._prefetch_problems(((epoch + 1) * world + rank) * self.prompts_per_rollout)
         t0 = time.perf_counter()
         self.rollout_stats.update(self.module.annotate_rollouts(rollout, need_old=self.updates_per_rollout > 1))
         self.rollout_stats["timing/annotate"] = time.perf_counter() - t0
         return self.make_steps(rollout, seed)
+
+    def _train_problems(self, offset: int) -> list[Problem]:
+        """The ``prompts_per_rollout`` training problems from ``offset``: the prefetched list when it is the one
+        asked for (the same call, made earlier in a thread), else computed now."""
+        pending, self._next_problems = self._next_problems, None
+        if pending is not None and pending[:2] == (offset, self.prompts_per_rollout):
+            return pending[2].result()  # an exception of the task's problems() surfaces here, as if called now
+        return self.task.problems("train", self.prompts_per_rollout, offset=offset)
+
+    def _prefetch_problems(self, offset: int) -> None:
+        """Start computing the next rollout's problems in a background thread, overlapping the update (for tasks
+        that declare ``prefetch_safe``: pure ``problems``). Problem generation is Python (reasoning-gym items,
+        templates) and otherwise runs between updates, on the critical path."""
+        if not getattr(self.task, "prefetch_safe", False):
+            return
+        if self._prefetcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlad_pl-problems")
+        future = self._prefetcher.submit(self.task.problems, "train", self.prompts_per_rollout, offset=offset)
+        self._next_problems = (offset, self.prompts_per_rollout, future)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints. The position in the task is the trainer's epoch; this adds the random generators
@@ -381,6 +405,10 @@ class RolloutDataModule(L.LightningDataModule):
                 close()
         self._sampler_ready = self._teacher_ready = False
         self._synced_at_step = -1
+        self._next_problems = None
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
 
     # ----------------------------------------------------------------------------------------- evaluation
     def eval_problems(self, split: str) -> list[Problem]:

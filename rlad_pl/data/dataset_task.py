@@ -121,6 +121,8 @@ class DatasetTask(Task):
         shuffle: shuffle rows (within difficulty buckets for evaluation splits).
     """
 
+    prefetch_safe = True  # problems() is a pure function of its arguments
+
     def __init__(self, path: str, name: Optional[str] = None, split: str = "train",
                  val_split: Optional[str] = None, test_split: Optional[str] = None,
                  val_fraction: Optional[float] = None, test_fraction: float = 0.0,

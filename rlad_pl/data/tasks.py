@@ -40,6 +40,10 @@ class Task:
 
     #: the field name of this task in the config, for error messages
     field = "data.task"
+    #: ``problems("train", ...)`` may run in a background thread while the trainer updates (the next rollout's
+    #: problems are prepared during this one's update: ``RolloutDataModule``). Set it on a task whose
+    #: ``problems`` is a pure function of its arguments and safe beside ``verify`` / other splits; off by default.
+    prefetch_safe = False
 
     def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
         raise NotImplementedError
@@ -115,6 +119,8 @@ class ReasoningGymTask(Task):
             ``"{question}\\nReference answer: {answer}"``.
         solution_template: format string for the reference response (dataset prefixes), e.g. ``"#{answer}"``.
     """
+
+    prefetch_safe = True  # problems() is a pure function of its arguments
 
     def __init__(self, dataset: str, config: Optional[dict[str, Any]] = None,
                  seeds: Optional[dict[str, int]] = None, sizes: Optional[dict[str, int]] = None,
@@ -193,6 +199,8 @@ class JSONLTask(Task):
         answer_pattern: optional regex applied before ``math-verify`` parses the completion.
     """
 
+    prefetch_safe = True  # problems() is a pure function of its arguments
+
     def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
                  prompt_field: str = "prompt", answer_field: str = "answer", difficulty_field: Optional[str] = None,
                  privileged_field: Optional[str] = None, solution_field: Optional[str] = None, prompt_template: Optional[str] = None,
@@ -248,6 +256,8 @@ class CharFrequencyTask(Task):
     Each problem also carries a privileged prompt (``"<target>:" + prompt``, for self-distillation) and a reference
     solution (``target`` repeated ``solution_length`` times, for supervised objectives).
     """
+
+    prefetch_safe = True  # problems() is a pure function of its arguments
 
     def __init__(self, target: str = "a", alphabet: str = "0123456789", prompt_length: int = 4,
                  solution_length: int = 8):
