@@ -171,6 +171,11 @@ _EXPECTED_CLASS = {"model.objectives": "an rlad_pl.objectives.Objective subclass
                    "data.reward": "a callable (completion, problem) -> float"}
 
 
+#: the class a null (default) field stands for, named when an override sets one of its init_args
+_DEFAULT_CLASS = {"data.sampler": "rlad_pl.rollout.HFSampler", "data.teacher_sampler": "rlad_pl.rollout.HFSampler",
+                  "model.teacher_backend": "rlad_pl.teacher.LocalTeacher"}
+
+
 def _one_line(err: BaseException) -> str:
     """Condense a jsonargparse error to one line: ``<field>: <what is wrong> (<what was expected>)``."""
     chain = list(_chain(err))
@@ -187,6 +192,13 @@ def _one_line(err: BaseException) -> str:
         if "Does not validate against any of the Union subtypes" in str(e) and sub and given:
             kinds = re.sub(r"<class '([^']+)'>", r"\1", sub.group(1)).replace("NoneType", "null")
             value = given.group(1).split(". Got value:")[0].strip()
+            nested = re.match(r"NestedArg\(key='([^']+)', val='(.*)'\)$", value)
+            if nested:  # ``--data.sampler.init_args.batch_size 0`` where the config leaves data.sampler null
+                key, val = nested.groups()
+                default = f" (the default is {_DEFAULT_CLASS[field]})" if field in _DEFAULT_CLASS else ""
+                return (f"{field}.init_args.{key}: {field} is not set in the config, so {key} has no class to go "
+                        f"to; name one first{default}: --{field}.class_path CLASS --{field}.init_args.{key} "
+                        f"{val}")[:600]
             return f"{field}: expected one of [{kinds}], got {value}{where}"[:600]
     lines = [ln.strip().lstrip("- ") for ln in str(chain[-1]).splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("Expected a path but", "Parser key"))] or [

@@ -48,3 +48,16 @@ def test_error_is_one_line_from_the_real_cli():
     assert out.returncode == 2
     errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
     assert errors == ["rlad_pl: error: model.student: no such local folder '/nonexistent/student'"]
+
+
+def test_init_arg_of_a_default_null_class_field_names_the_field_and_the_fix(capsys):
+    """``--data.sampler.init_args.batch_size 0`` on a config that leaves ``data.sampler`` null (the default HF
+    sampler): jsonargparse's "expected one of [Sampler, null], got NestedArg(...)" becomes the field and the fix."""
+    line = _error_line(capsys, "--data.sampler.init_args.batch_size", "0")
+    assert line == ("rlad_pl: error: data.sampler.init_args.batch_size: data.sampler is not set in the config, so "
+                    "batch_size has no class to go to; name one first (the default is rlad_pl.rollout.HFSampler): "
+                    "--data.sampler.class_path CLASS --data.sampler.init_args.batch_size 0")
+    # ... and the fix it names is accepted (and then checks the value itself)
+    line = _error_line(capsys, "--data.sampler.class_path", "rlad_pl.rollout.HFSampler",
+                       "--data.sampler.init_args.batch_size", "0")
+    assert line.startswith("rlad_pl: error: data.sampler") and "batch_size" in line and "NestedArg" not in line

@@ -4,6 +4,7 @@
     python tools/bench_vs_trl.py                            # both workloads, 25 steps, 2 interleaved repetitions
     python tools/bench_vs_trl.py --workload opd --reps 3
     python tools/bench_vs_trl.py --quick                    # tiny sizes, one process (the test)
+    python tools/bench_vs_trl.py --workload opd --compile rlad_pl   # rlad_pl with --model.compile true, TRL eager
 
 Workloads (the shipped demo models, reasoning-gym ``chain_sum`` prompts of ``ChainSumTask`` as in
 ``configs/demo.yaml``, the task's verifier as the reward, HF ``generate`` on both sides, fp32, AdamW at a constant
@@ -25,6 +26,10 @@ seconds per step = (t[steps] - t[warmup]) / (steps - warmup). Runs alternate rla
 on a shared machine hits both alike. Printed: seconds per step of each repetition and their median, the ratio
 rlad_pl / TRL, sequences / completion tokens / optimizer steps / dtype / threads as each side counted them, and the
 per-step mean reward of each side (mean over repetitions) next to each other.
+
+``--compile``: ``none`` (default, both eager), ``rlad_pl`` (rlad_pl with ``--model.compile true``: its training
+backbones compiled, ``rlad_pl.compiled``; TRL eager) or ``both`` (TRL's ``torch_compile=True`` too, which compiles the
+whole model and recompiles for the shapes that change every step). ``--warmup`` must then cover the compile steps.
 """
 
 from __future__ import annotations
@@ -275,7 +280,8 @@ def bench(w: Workload, args, tmp: Path) -> dict:
             work = tmp / f"{w.name}-{side}-{rep}"
             work.mkdir(parents=True, exist_ok=True)
             job = {"side": side, "workload": asdict(w), "steps": args.steps, "threads": args.threads,
-                   "out": str(work / "record.json"), "work": str(work)}
+                   "out": str(work / "record.json"), "work": str(work),
+                   "compile": args.compile == "both" or (args.compile == side)}
             t0 = time.perf_counter()
             rec = launch(job, args.in_process, work / "log.txt")
             rec["sps"] = seconds_per_step(rec, args.steps, args.warmup)
@@ -296,7 +302,7 @@ def report(res: dict, args) -> list[str]:
     med = {s: statistics.median(r["sps"] for r in runs[s]) for s in SIDES}
     lines = [f"== {w.name}: {w.prompts} prompts x {w.samples} samples, {w.new_tokens} new tokens, micro-batches of "
              f"{w.micro_batch}, lr {w.lr:g}, {args.steps} steps (timed after {args.warmup} warm-up), {args.reps} "
-             f"interleaved repetitions, {args.threads} threads"]
+             f"interleaved repetitions, {args.threads} threads, torch.compile: {args.compile}"]
     lines += [f"  {s:7} does: {DOES[(w.name, s)]}" for s in SIDES]
     lines.append(f"  {'':34}{'rlad_pl':>12}{'TRL':>12}")
     for rep in range(args.reps):
@@ -344,6 +350,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="steps before the timed ones (default 2; --quick 1)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per side, interleaved (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
+    p.add_argument("--compile", choices=("none", "rlad_pl", "both"), default="none",
+                   help="torch.compile: rlad_pl's --model.compile true (rlad_pl), and TRL's torch_compile (both)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, all runs in this process (the test)")
     p.add_argument("--in-process", action="store_true", help="run the sides in this process (default with --quick)")
     p.add_argument("--append-md", type=Path, default=None, help="also append the report (time, git HEAD) here")
