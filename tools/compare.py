@@ -223,9 +223,10 @@ def report(results: dict[str, list[dict]], args, command: str) -> str:
             (_ms(vs, 1, 0) + " %") if vs and method != "GRPO" else "-",
             _ms([r["wall_seconds"] for r in runs], 1, 0)]) + " |")
     steps = any_run["steps"]
+    student, teacher = _config_models(args.config)
     return f"""# Method comparison on the embedded demo
 
-Student `assets/demo-student` distilled from `assets/demo-teacher` on `ChainSumTask` (reasoning-gym `chain_sum`,
+Student `{student}` distilled from `{teacher}` on `ChainSumTask` (reasoning-gym `chain_sum`,
 levels `NtMd` = N terms of M digits, as configured in the config below), {steps} optimizer steps per run,
 identical config (`{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`) except
 `model.objectives`; {n_seeds} seed(s) per method, mean ± sample std over seeds.
@@ -299,6 +300,14 @@ def _delta(run: dict, key: str) -> float:
 
 def _hard_delta(run: dict, hard: list[str], k: str) -> float:
     return sum(_delta(run, f"{lv}/mean@{k}") for lv in hard) / len(hard)
+
+
+def _config_models(config: Path) -> tuple[str, str]:
+    """``model.student`` / ``model.teacher`` as the config names them (the demo pair when it does not)."""
+    import yaml
+
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    return model.get("student", "assets/demo-student"), model.get("teacher", "assets/demo-teacher")
 
 
 def study_sections(results: dict[str, list[dict]], step_cost: Optional[dict[str, float]] = None) -> str:
