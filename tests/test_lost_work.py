@@ -170,8 +170,10 @@ def test_ctrl_c_writes_checkpoint_and_export(tmp_path):
     first = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", str(CONFIGS / "grpo_tiny.yaml"),
            "--trainer.default_root_dir", str(root), *FAST, "--trainer.max_epochs", "500"]
+    # a background shell starts pytest with SIGINT ignored, and Popen children inherit that: restore the default
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
