@@ -37,7 +37,13 @@ def backbone(model: torch.nn.Module) -> Callable:
 def compile_backbone(model: Optional[torch.nn.Module]) -> None:
     """Register ``torch.compile(backbone, dynamic=True)`` for ``model`` (None / non-modules: nothing)."""
     if isinstance(model, torch.nn.Module) and model not in _COMPILED:
-        _COMPILED[model] = torch.compile(getattr(model, model.base_model_prefix), dynamic=True)
+        graph = torch.compile(getattr(model, model.base_model_prefix), dynamic=True)
+
+        def run(input_ids, attention_mask, **kwargs):
+            # fresh contiguous inputs: a sliced view's storage offset / strides would each trigger a recompile
+            return graph(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(), **kwargs)
+
+        _COMPILED[model] = run
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

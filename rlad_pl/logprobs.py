@@ -65,10 +65,8 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
 def response_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
     """Final hidden states that predict the response tokens: positions ``P-1 .. L-2`` -> ``[N, R, H]``."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    fn = backbone(model)
-    if fn is not getattr(model, model.base_model_prefix):  # compiled: fresh contiguous inputs (a sliced view's
-        input_ids, attention_mask = input_ids.clone(), attention_mask.clone()  # offset / strides would recompile)
-    out = fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
     return out.last_hidden_state[:, prompt_len - 1:-1]
 
 
