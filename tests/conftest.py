@@ -14,6 +14,42 @@ CONFIGS = REPO / "configs"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+#: Markers of the tests that the plain ``python -m pytest -q`` leaves out (``--full`` runs them): vLLM engines, long
+#: CLI fits, multi-process runs and the real SmolLM2 model. The plain command is the fast tier: unit tests, short runs.
+FULL_ONLY = ("slow", "vllm", "real_model", "distributed")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help=f"run every test; without it the tests marked {', '.join(FULL_ONLY)} are deselected "
+                          "(also run when named by node id or chosen with -m)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ``--full``, deselect the tests marked with one of ``FULL_ONLY`` (not skip: they are not counted as
+    skipped). A ``-m`` expression, or a test named by its node id (``file.py::test``), overrides the tier."""
+    if config.getoption("--full") or config.option.markexpr:
+        return
+    named = []
+    for arg in config.args:
+        if "::" in arg:
+            path, rest = arg.split("::", 1)
+            try:
+                path = Path(path).resolve().relative_to(config.rootpath).as_posix()
+            except ValueError:
+                pass
+            named.append(f"{path}::{rest}")
+    keep, left = [], []
+    for item in items:
+        full_only = any(item.get_closest_marker(m) for m in FULL_ONLY)
+        (left if full_only and not any(item.nodeid.startswith(n) for n in named) else keep).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = keep
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"fast tier: {len(keep)} tests; {len(left)} marked {'/'.join(FULL_ONLY)} left for --full")
+
 
 def make_batch(mask, advantages=None, rewards=None, **fields):
     """A ``RolloutBatch`` around a response mask (2 dummy prompt tokens; rewards / advantages default to 0)."""
