@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.compiled import check_compile
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.compiled import check_compile
 
 
 def _cli_class(state: dict):
@@ -26,9 +26,9 @@ def _cli_class(state: dict):
     ``state["started"]`` turns True when the subcommand (training itself) begins."""
     from lightning.pytorch.cli import LightningCLI
 
-    from rlad_pl.callbacks import HFExport
-    from rlad_pl.checkpointing import RolloutCheckpoint
-    from rlad_pl.tb_layout import TensorBoardOverview
+    from rlad_pl.training.export import HFExport
+    from rlad_pl.training.checkpointing import RolloutCheckpoint
+    from rlad_pl.training.tb_layout import TensorBoardOverview
 
     class RLADCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -354,8 +354,8 @@ def main(args: Optional[list[str]] = None, run: bool = True):
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     state = {"stage": "parse", "started": False}
     try:
-        from rlad_pl.data.datamodule import RolloutDataModule
-        from rlad_pl.module import DistillationModule
+        from rlad_pl.training.datamodule import RolloutDataModule
+        from rlad_pl.training.module import DistillationModule
 
         prog = "python -m rlad_pl" if sys.argv and sys.argv[0].endswith("__main__.py") else "rlad_pl"
         return _cli_class(state)(DistillationModule, RolloutDataModule,

@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
 def make_batch(mask, advantages=None, rewards=None, **fields):
     """A ``RolloutBatch`` around a response mask (2 dummy prompt tokens; rewards / advantages default to 0)."""
-    from rlad_pl.batch import RolloutBatch
+    from rlad_pl.core.batch import RolloutBatch
 
     mask = torch.as_tensor(mask, dtype=torch.float32)
     n, r = mask.shape
@@ -114,6 +114,6 @@ def text_tags(log_dir: str | Path) -> list[str]:
 @pytest.fixture
 def tiny_dir(tmp_path):
     """A fresh tiny char-level student directory (random weights)."""
-    from rlad_pl.models import save_tiny_model
+    from rlad_pl.testing.builders import save_tiny_model
 
     return save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -284,7 +284,7 @@ def test_reward_errors_name_the_sample(reward, expected, capsys):
 
 def test_near_greedy_sampling_with_grpo_warns_once(tmp_path, capsys):
     """Legal but likely a mistake: one warning line, and the run still trains."""
-    from rlad_pl.errors import _warned
+    from rlad_pl.core.errors import _warned
 
     _warned.discard("data.sampling")
     cli = run_cli(*BASE, "--data.sampling.top_p=0.05", "--data.val_prompts=4",
@@ -325,7 +325,7 @@ def test_interpolation_follows_command_line_override(tmp_path, capsys):
 
 
 def test_debug_flag_and_env_give_the_traceback(monkeypatch, capsys):
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.grad_clip"):
         run_cli(*BASE, "--model.grad_clip=-1", "--debug")

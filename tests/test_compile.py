@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, scalars
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.compiled import backbone, is_compiled
-from rlad_pl.module import DistillationModule
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.models.compiled import backbone, is_compiled
+from rlad_pl.training.module import DistillationModule
 from rlad_pl.objectives import KDRL, OPDFullVocab
 from rlad_pl.objectives.base import Denominators
 

@@ -75,7 +75,7 @@ def test_teacher_prefixes_come_from_the_cached_teacher(tmp_path):
 
 
 def test_opsd_teacher_scores_same_tokens_after_privileged_prompt(tmp_path):
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.logprobs import response_logprobs
 
     cli = _fit(tmp_path, "opsd_tiny", 1)
     dm, module = cli.datamodule, cli.model

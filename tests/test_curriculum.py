@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, scalars
-from rlad_pl.curriculum import gate
-from rlad_pl.errors import ConfigError
-from rlad_pl.logprobs import chunked_token_logprobs
+from rlad_pl.training.curriculum import gate
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.logprobs import chunked_token_logprobs
 
 
 def test_gate_advances_iff_entropy_at_least_h_min_and_never_after_failure():
@@ -29,7 +29,7 @@ def test_uniform_entropy_is_log_vocab():
 
 
 def test_bad_ladder():
-    from rlad_pl.curriculum import LengthCurriculum
+    from rlad_pl.training.curriculum import LengthCurriculum
 
     with pytest.raises(ConfigError, match=r"^curriculum\.ladder: expected increasing"):
         LengthCurriculum(ladder=[8, 4])
@@ -37,7 +37,7 @@ def test_bad_ladder():
 
 @pytest.mark.parametrize("h_min,expected_lengths", [(0.0, [4, 6, 8, 8]), (1e9, [4, 4, 4, 4])])
 def test_curriculum_in_fit(tmp_path, h_min, expected_lengths):
-    cb = {"class_path": "rlad_pl.curriculum.LengthCurriculum",
+    cb = {"class_path": "rlad_pl.training.curriculum.LengthCurriculum",
           "init_args": {"ladder": [4, 6, 8], "epochs_per_stage": 1, "h_min": h_min, "heldout_prompts": 4}}
     cli = run_cli("fit", "--config", str(CONFIGS / "grpo_tiny.yaml"), "--trainer.max_epochs", "3",
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", json.dumps([cb]),

@@ -16,7 +16,7 @@ import pytest
 from conftest import CONFIGS, REPO, run_cli, scalars
 from rlad_pl.data import DatasetTask, MathVerifier, Problem
 from rlad_pl.data.dataset_task import interleave, largest_remainder
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -364,7 +364,7 @@ def test_hub_id_offline_from_the_cache_and_missing(tmp_path):
     code = (
         "import sys\n"
         "from rlad_pl.data import DatasetTask\n"
-        "from rlad_pl.errors import ConfigError\n"
+        "from rlad_pl.core.errors import ConfigError\n"
         f"t = DatasetTask('someorg/tiny-gsm8k', name='main', prompt_field='question', val_fraction=0.25, "
         f"cache_dir={str(cache)!r})\n"
         "p = t.problems('val', 1)[0]\n"

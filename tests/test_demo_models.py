@@ -2,7 +2,7 @@
 student on held-out chain_sum problems, and both match the accuracies written on their model cards.
 
 Greedy decoding on the 512 test problems (64 per difficulty level) with the project's own evaluation
-(``rlad_pl.eval_callbacks.evaluate_policy``: ``HFSampler`` + ``ChainSumTask.verify`` + ``MeanPassAtK``). Greedy
+(``rlad_pl.training.validate.evaluate_policy``: ``HFSampler`` + ``ChainSumTask.verify`` + ``MeanPassAtK``). Greedy
 decoding is deterministic up to floating-point ties, so the card's numbers must be reproduced within 1.5 pp overall
 and 6 pp per level (a different BLAS / thread count may flip a handful of near-tied tokens).
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rlad_pl.data.chain_sum import ChainSumTask
-from rlad_pl.eval_callbacks import evaluate_policy
-from rlad_pl.models import PACKAGE_DIR, load_causal_lm, load_tokenizer
+from rlad_pl.training.validate import evaluate_policy
+from rlad_pl.models.loading import PACKAGE_DIR, load_causal_lm, load_tokenizer
 
 ASSETS = PACKAGE_DIR / "assets"
 LEVELS = [f"{t}t{d}d" for t in range(2, 6) for d in (1, 2)]

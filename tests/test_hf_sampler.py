@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlad_pl.models import load_causal_lm, load_tokenizer
+from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 from rlad_pl.rollout import HFSampler, SamplingParams
 
 

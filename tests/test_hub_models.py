@@ -19,8 +19,8 @@ import torch
 
 from conftest import CONFIGS, run_cli
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.models import PACKAGE_DIR, load_causal_lm, load_tokenizer, resolve_source
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.loading import PACKAGE_DIR, load_causal_lm, load_tokenizer, resolve_source
 
 TINY = PACKAGE_DIR / "assets" / "tiny-student"
 GRPO_TINY = str(CONFIGS / "grpo_tiny.yaml")
@@ -110,7 +110,7 @@ def test_revision_picks_its_snapshot(hub, spec, revision):
 
 
 def test_module_revision_args_and_default_tokenizer_from_the_same_snapshot(hub):
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
 
     m = DistillationModule("org/tiny", [GRPO()], student_revision="v2")
@@ -125,7 +125,7 @@ def test_module_revision_args_and_default_tokenizer_from_the_same_snapshot(hub):
     ("org/tiny", "v2", None, (COMMIT_B, COMMIT_B)), (None, None, "v2", (COMMIT_A, COMMIT_B)),
     ("org/tiny@v2", None, None, (COMMIT_A, COMMIT_B))])
 def test_tokenizer_snapshot(hub, tokenizer, student_rev, tokenizer_rev, commits):
-    from rlad_pl.models import resolve_model_and_tokenizer
+    from rlad_pl.models.loading import resolve_model_and_tokenizer
 
     m, t = resolve_model_and_tokenizer("org/tiny", "model.student", tokenizer, "model.tokenizer", student_rev,
                                        tokenizer_rev)
@@ -221,7 +221,7 @@ def test_remote_code_off_unless_asked(hub, tmp_path):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_remote_code_warning_is_one_line(hub, capsys, trust):
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
 
     m = DistillationModule("org/tiny", [GRPO()], trust_remote_code=trust)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, position_ids_from_mask
-from rlad_pl.logprobs import chunked_token_logprobs, response_logprobs
-from rlad_pl.module import DistillationModule
+from rlad_pl.core.batch import RolloutBatch, StepBatch, build_sequences, position_ids_from_mask
+from rlad_pl.core.logprobs import chunked_token_logprobs, response_logprobs
+from rlad_pl.training.module import DistillationModule
 from rlad_pl.objectives import GRPO
 from rlad_pl.objectives.base import Denominators
 

@@ -24,7 +24,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def _module(objective=None, lora=LORA, **kw):
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
 
     return DistillationModule(student=TINY, objectives=[objective or GRPO()], lora=lora, **kw)
@@ -47,7 +47,7 @@ def _randomize_adapters(model, seed=0, std=0.2):
 
 
 def _batch(tok, texts=("12+7=", "abc", "9*9=", "hello"), response="aab1+2"):
-    from rlad_pl.batch import build_sequences
+    from rlad_pl.core.batch import build_sequences
 
     prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     resp = [tok(response, add_special_tokens=False)["input_ids"]] * len(prompts)
@@ -72,7 +72,7 @@ def _batch(tok, texts=("12+7=", "abc", "9*9=", "hello"), response="aab1+2"):
     ([8], "model.lora", "expected a mapping"),
 ])
 def test_bad_lora_config_is_one_line(spec, field, words):
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         _module(lora=spec)
@@ -114,10 +114,10 @@ def test_optimizer_sees_only_the_adapters():
 
 
 def test_adapters_off_teacher_is_the_initial_model_and_saves_one_model_of_memory():
-    from rlad_pl.logprobs import response_logprobs
-    from rlad_pl.lora import BaseModelView, param_bytes
-    from rlad_pl.models import load_causal_lm
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.core.logprobs import response_logprobs
+    from rlad_pl.models.lora import BaseModelView, param_bytes
+    from rlad_pl.models.loading import load_causal_lm
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import OPSD, GRPO
 
     lora_m = DistillationModule(student=TINY, teacher=TINY, objectives=[OPSD()], lora=LORA)
@@ -150,7 +150,7 @@ def test_adapters_off_teacher_is_the_initial_model_and_saves_one_model_of_memory
 
 
 def _rollout(ids, mask, P, rmask):
-    from rlad_pl.batch import RolloutBatch
+    from rlad_pl.core.batch import RolloutBatch
 
     n = ids.shape[0]
     return RolloutBatch(input_ids=ids, attention_mask=mask, prompt_len=P, response_mask=rmask,
@@ -158,7 +158,7 @@ def _rollout(ids, mask, P, rmask):
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.logprobs import response_logprobs
 
     grads = []
     for gc in (False, True):
@@ -186,7 +186,7 @@ def lora_fit(tmp_path_factory):
 
 
 def test_fit_trains_adapters_and_leaves_the_base_bit_identical(lora_fit):
-    from rlad_pl.models import load_causal_lm
+    from rlad_pl.models.loading import load_causal_lm
 
     cli, _ = lora_fit
     student = cli.model.student
@@ -218,7 +218,7 @@ def test_merged_export_and_adapter_folder_match_the_trained_model(lora_fit):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlad_pl.models import load_causal_lm
+    from rlad_pl.models.loading import load_causal_lm
 
     cli, log_dir = lora_fit
     export = log_dir / "hf_export"
@@ -278,7 +278,7 @@ def test_lora_grpo_raises_the_reward(tmp_path):
 @pytest.mark.slow
 def test_lora_opsd_lowers_the_divergence(tmp_path):
     cli = run_cli("fit", "--config", OPSD_LORA, "--trainer.default_root_dir", str(tmp_path), *QUIET)
-    from rlad_pl.lora import BaseModelView
+    from rlad_pl.models.lora import BaseModelView
 
     assert isinstance(cli.model.teacher, BaseModelView)
     div = scalars(tmp_path, "renio/opsd/divergence")  # the clipped forward KL to the adapters-off teacher
@@ -297,8 +297,9 @@ def test_vllm_sync_of_merged_weights_then_greedy_matches_hf(tmp_path):
     import time
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from rlad_pl.lora import apply_lora, param_bytes
-    from rlad_pl.models import load_causal_lm, load_tokenizer, save_tiny_model
+    from rlad_pl.models.lora import apply_lora, param_bytes
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.testing.builders import save_tiny_model
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
 

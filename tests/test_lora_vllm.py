@@ -25,8 +25,8 @@ TEXTS = ["12+7=", "abc", "9*9=", "hello", "x", "42-17="]
 
 def _student(lora):
     """The tiny student with ``lora`` injected (adapter init seeded)."""
-    from rlad_pl.lora import apply_lora
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.models.lora import apply_lora
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     path = str(REPO / "rlad_pl" / TINY)
     student = load_causal_lm(path, "model.student")
@@ -91,8 +91,8 @@ def test_adapter_sync_then_greedy_matches_hf():
     (None, {}, "data.sampler.init_args.lora_sync", "no trainable adapters"),
 ])
 def test_what_vllm_lora_cannot_serve_is_refused_before_the_engine_starts(lora, kwargs, field, words):
-    from rlad_pl.errors import ConfigError
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.core.errors import ConfigError
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
     from rlad_pl.rollout.vllm import VLLMSampler
 
     if lora is None:
@@ -114,7 +114,7 @@ def test_what_vllm_lora_cannot_serve_is_refused_before_the_engine_starts(lora, k
     ({"lora_sync": "adapter", "enable_sleep_mode": True, "sleep_level": 2}, "data.sampler.init_args.sleep_level"),
 ])
 def test_bad_lora_sync_arguments(kwargs, field):
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
     from rlad_pl.rollout.vllm import VLLMSampler
 
     with pytest.raises(ConfigError) as e:

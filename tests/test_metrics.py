@@ -7,7 +7,7 @@ from math import comb
 import pytest
 import torch
 
-from rlad_pl.metrics import MeanPassAtK, pass_at_k
+from rlad_pl.core.metrics import MeanPassAtK, pass_at_k
 
 
 def test_pass_at_k_closed_form():

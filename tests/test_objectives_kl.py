@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from rlad_pl import divergences as D
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.divergences import chunked_divergence
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.divergences import chunked_divergence
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import (GKDJSD, OPDFullVocab, OPDSampled, Denominators, ForwardKL, KLMix, ReverseKL, SkewKL,
                                 StudentOutputs, TokenKL)
 from rlad_pl.objectives.base import DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES
@@ -285,7 +285,7 @@ def test_check10_teacher_gets_no_gradient_even_if_trainable():
 
 
 def test_check11_entropy_of_uniform_is_log_v():
-    """(The curriculum-gate half of check 11 is tested with rlad_pl.curriculum in tests/test_curriculum.py.)"""
+    """(The curriculum-gate half of check 11 is tested with rlad_pl.training.curriculum in tests/test_curriculum.py.)"""
     assert D.entropy(torch.zeros(2, 151936)).tolist() == pytest.approx([math.log(151936)] * 2, abs=1e-4)
     m = Models()
     with torch.no_grad():

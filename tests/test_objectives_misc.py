@@ -10,7 +10,7 @@ import torch
 
 from rlad_pl import divergences as D
 from conftest import make_batch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import (GRPO, KDRL, OPSD, SFT, Denominators, Objective, OPDSampled, ReNIO, StudentOutputs,
                                 TokenKL, TRRD)
 from rlad_pl.objectives.base import (DATASET_PREFIXES, OLD_LOGPROBS, PRIVILEGED_PROMPT, SAMPLER_LOGPROBS,
@@ -178,7 +178,7 @@ def test_yaml_class_paths_instantiate_nested_objectives():
 
 
 def test_kdrl_coefficient_schedule_is_linear_then_constant():
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
     from rlad_pl.objectives import KDRL
 
     obj = KDRL(kd_coef=5e-3, kd_coef_end=1e-3, kd_anneal_steps=4)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rlad_pl.advantages import group_advantages
-from rlad_pl.batch import RolloutBatch
+from rlad_pl.core.advantages import group_advantages
+from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.objectives import (GKDJSD, GRPO, KDRL, OPSD, SFT, TRRD, Denominators, ForwardKL, KLMix, OPDFullVocab,
                                 OPDSampled, ReNIO, ReverseKL, SkewKL, StudentOutputs, TokenKL)
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from rlad_pl import divergences as D
-from rlad_pl.batch import RolloutBatch, build_sequences
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch, build_sequences
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, OPSD, Denominators, LossOutput, Objective, OPDSampled, ReNIO, StudentOutputs
 from rlad_pl.objectives.base import (PRIVILEGED_PROMPT, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_LOGPROBS,
                                      per_sample_token_mean)

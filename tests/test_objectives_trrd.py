@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rlad_pl.advantages import group_advantages
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.advantages import group_advantages
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, RLAD, TRRD, Denominators, StudentOutputs
 from rlad_pl.objectives.base import TEACHER_LOGPROBS
 from rlad_pl.objectives.trrd import trrd_log_ratio

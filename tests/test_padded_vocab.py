@@ -29,7 +29,7 @@ def padded_dir(tmp_path_factory) -> Path:
     """A saved tiny student with ``ROWS`` output rows whose padding rows dominate the full softmax."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlad_pl.models import build_char_tokenizer
+    from rlad_pl.testing.builders import build_char_tokenizer
 
     out = tmp_path_factory.mktemp("padded")
     tok = build_char_tokenizer()
@@ -52,7 +52,7 @@ def padded_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def student(padded_dir):
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(padded_dir)
     return load_causal_lm(padded_dir, "model.student").eval(), tok
@@ -65,7 +65,7 @@ def _prompts(tok):
 
 def _first_step_logits(model, prompts):
     """Next-token logits (all rows) after each prompt, left-padded like the sampler."""
-    from rlad_pl.batch import pad_rows
+    from rlad_pl.core.batch import pad_rows
 
     ids, mask = pad_rows(prompts, 0, "left")
     position = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -74,8 +74,8 @@ def _first_step_logits(model, prompts):
 
 
 def _trainer_logprobs(model, tok, prompts, completions, temperature):
-    from rlad_pl.batch import build_sequences
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.batch import build_sequences
+    from rlad_pl.core.logprobs import response_logprobs
 
     n = len(completions) // len(prompts)
     ids, mask, P, rmask = build_sequences([p for p in prompts for _ in range(n)], completions, tok.pad_token_id)
@@ -88,7 +88,7 @@ def test_padding_rows_dominate_and_unmasked_decode_draws_them(student):
     """The fixture is a real trap: > 99% of the full-softmax mass is on padding ids, and the decode loop without
     ``vocab_size`` (the old sampler) draws padding ids."""
     from rlad_pl.rollout.decode import decode
-    from rlad_pl.batch import pad_rows
+    from rlad_pl.core.batch import pad_rows
 
     model, tok = student
     V, prompts = len(tok), _prompts(tok)

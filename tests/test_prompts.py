@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from rlad_pl.data.prompts import PromptFormat, encode_prompt, render_prompt
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 #: ChatML with a default system prompt and Qwen3's enable_thinking switch (no spaces: the char tokenizer drops them)
 TEMPLATE = (
@@ -29,7 +29,7 @@ SPECIALS = ["<|im_start|>", "<|im_end|>"]
 def save_chat_model(out, template: str | None = TEMPLATE, **arch):
     """A tiny char-level Qwen2 (``out/model``) and its tokenizer (``out/tokenizer``) with ``SPECIALS`` as special
     tokens and ``template`` as chat template."""
-    from rlad_pl.models import DEFAULT_CHARS, build_char_tokenizer, build_tiny_qwen2
+    from rlad_pl.testing.builders import DEFAULT_CHARS, build_char_tokenizer, build_tiny_qwen2
 
     tok = build_char_tokenizer(DEFAULT_CHARS + ["\n", "|", "_"] + SPECIALS)
     tok.add_tokens(SPECIALS, special_tokens=True)  # already in the vocabulary: matched whole, ids unchanged
@@ -45,14 +45,14 @@ def save_chat_model(out, template: str | None = TEMPLATE, **arch):
 
 @pytest.fixture(scope="module")
 def chat_tok(tmp_path_factory):
-    from rlad_pl.models import load_tokenizer
+    from rlad_pl.models.loading import load_tokenizer
 
     return load_tokenizer(save_chat_model(tmp_path_factory.mktemp("chat")) / "tokenizer")
 
 
 @pytest.fixture(scope="module")
 def plain_tok(tmp_path_factory):
-    from rlad_pl.models import load_tokenizer
+    from rlad_pl.models.loading import load_tokenizer
 
     return load_tokenizer(save_chat_model(tmp_path_factory.mktemp("plain"), template=None) / "tokenizer")
 
@@ -198,7 +198,7 @@ def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
 
@@ -266,8 +266,8 @@ def test_cli_refuses_a_system_prompt_without_a_template(capsys):
 def test_smollm2_template_injects_its_default_system_prompt():
     """A real chat template (SmolLM2-135M-Instruct, tools/build_real_model.py): without a system prompt the template
     inserts its own, ``system_prompt: ""`` empties it, a set one replaces it; the ids are the text's tokens."""
-    from rlad_pl.models import load_tokenizer
-    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+    from rlad_pl.models.loading import load_tokenizer
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model
 
     try:
         tok = load_tokenizer(build_real_model(log=None))

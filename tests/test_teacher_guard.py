@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.models import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
-from rlad_pl.module import DistillationModule
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.testing.builders import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
+from rlad_pl.training.module import DistillationModule
 from rlad_pl.objectives import ForwardKL, TRRD
 
 
@@ -51,7 +51,7 @@ def test_padded_teacher_embedding_uses_shared_tokenizer_range(tmp_path):
     # give the padded rows huge logits: they must not leak into the teacher distribution
     with torch.no_grad():
         module.teacher.get_output_embeddings().weight[len(tok):] = 50.0
-    from rlad_pl.batch import RolloutBatch, build_sequences
+    from rlad_pl.core.batch import RolloutBatch, build_sequences
     from rlad_pl.objectives.base import Denominators
 
     ids, mask, P, rmask = build_sequences([[1, 5], [1, 6]], [[7, 8, 2], [9, 2]], 0)

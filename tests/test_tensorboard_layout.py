@@ -1,4 +1,4 @@
-"""TensorBoard opens on what matters (``rlad_pl.tb_layout``): the custom-scalars overview written by real CLI runs
+"""TensorBoard opens on what matters (``rlad_pl.training.tb_layout``): the custom-scalars overview written by real CLI runs
 matches the tags those runs log, ``hp_metric`` is the final ``val/all/mean@k`` (never Lightning's constant -1), and
 the real TensorBoard server's custom-scalars plugin serves the layout and finds data for every chart."""
 
@@ -17,7 +17,7 @@ from conftest import CONFIGS, REPO, event_accumulators, run_cli, scalars
 
 sys.path.insert(0, str(REPO / "tools"))
 
-from rlad_pl.tb_layout import IGNORED_TAGS, flat_params, overview_layout  # noqa: E402
+from rlad_pl.training.tb_layout import IGNORED_TAGS, flat_params, overview_layout  # noqa: E402
 
 DEMO = str(CONFIGS / "demo.yaml")
 #: the demo (chain_sum, 4 difficulty levels 2t1d..5t1d, ValidateAtStart) on a budget of a few seconds

@@ -9,8 +9,8 @@ import shutil
 import pytest
 from tokenizers import Tokenizer
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.models import PACKAGE_DIR, PROBE_TEXT, load_tokenizer
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.loading import PACKAGE_DIR, PROBE_TEXT, load_tokenizer
 
 TINY = PACKAGE_DIR / "assets" / "tiny-student"
 

@@ -1,4 +1,4 @@
-"""Top-k teacher distributions (``rlad_pl.topk``, ``teacher_top_k`` on the full-vocabulary objectives).
+"""Top-k teacher distributions (``rlad_pl.core.topk``, ``teacher_top_k`` on the full-vocabulary objectives).
 
 Checked: with k = the vocabulary the bucket divergence equals the full-vocabulary one (value and gradient, every
 objective, 1e-6); a hand-computed case with a tail bucket (value, gradient, tail mass, truncation); the tail computed
@@ -17,11 +17,11 @@ import torch
 
 from conftest import CONFIGS, make_batch, run_cli, scalars
 from test_teacher_backends import ASSETS, ENGINE, _rollout, needs_vllm, teacher_server  # noqa: F401 (fixture)
-from rlad_pl.divergences import VOCAB_LOGPROB_FLOOR
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.divergences import VOCAB_LOGPROB_FLOOR
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GKDJSD, OPSD, ForwardKL, KLMix, ReverseKL, SkewKL
 from rlad_pl.objectives.base import STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_TOPK, StudentOutputs
-from rlad_pl.topk import TeacherTopK, chunked_topk, student_buckets, tail_from_topk
+from rlad_pl.core.topk import TeacherTopK, chunked_topk, student_buckets, tail_from_topk
 
 OBJECTIVES = {
     "forward": lambda **kw: ForwardKL(**kw),
@@ -191,7 +191,7 @@ def test_cli_fit_with_top_k_forward_kl_lowers_its_divergence(tmp_path):
 
 
 def _topk_module(backend, k):
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
 
     return DistillationModule(student=str(ASSETS / "tiny-student"), teacher=str(ASSETS / "tiny-teacher"),
                               objectives=[ForwardKL(teacher_top_k=k)], teacher_backend=backend)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from rlad_pl.batch import RolloutBatch, build_sequences
-from rlad_pl.logprobs import response_logprobs
-from rlad_pl.models import build_tiny_qwen2
+from rlad_pl.core.batch import RolloutBatch, build_sequences
+from rlad_pl.core.logprobs import response_logprobs
+from rlad_pl.testing.builders import build_tiny_qwen2
 
 
 def _batch(seed: int = 0) -> RolloutBatch:
@@ -46,7 +46,7 @@ def test_trim_padding_keeps_real_tokens_and_logprobs():
 
 def test_group_by_length_same_step_gradient():
     """The data module's micro-batches (trimmed, ordered by length) give the untrimmed step's gradient."""
-    from rlad_pl.data.datamodule import RolloutDataModule
+    from rlad_pl.training.datamodule import RolloutDataModule
     from rlad_pl.objectives.base import Denominators, aggregate
 
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def test_group_by_length_same_step_gradient():
 
 def test_annotate_chunks_trimmed_same_logprobs(tiny_dir):
     """``annotate_rollouts`` (chunks ordered by length and trimmed) matches one untrimmed forward pass."""
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
 
     module = DistillationModule(student=str(tiny_dir), teacher=str(tiny_dir), objectives=[TRRD(alpha=0.5)],

@@ -5,7 +5,7 @@ One engine for the whole module (engine start is the slow part). The student is 
 
 Checked: after a weight sync (a few supervised optimizer steps that change the greedy outputs), vLLM's greedy
 completions equal HF ``generate``'s token for token, including prompts longer than a KV block (so a stale prefix
-cache would show); the sampled-token log-probs vLLM reports equal ``rlad_pl.logprobs.response_logprobs`` at
+cache would show); the sampled-token log-probs vLLM reports equal ``rlad_pl.core.logprobs.response_logprobs`` at
 temperature 1 and 0.7, also with top-p / top-k on (not renormalised), within ``LOGPROB_ATOL`` (fp32); sync stats
 count every parameter once (tied embedding sent once, head refreshed).
 """
@@ -34,7 +34,8 @@ ARCH = dict(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, max
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from rlad_pl.models import load_causal_lm, load_tokenizer, save_tiny_model
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.testing.builders import save_tiny_model
     from rlad_pl.rollout import HFSampler
     from rlad_pl.rollout.vllm import VLLMSampler
 
@@ -72,8 +73,8 @@ def _greedy(sampler, prompts, n_tokens=12):
 
 def _max_logprob_diff(student, tok, prompts, gen, temperature):
     """Max |trainer - engine| log-prob over the sampled tokens (prompts repeated ``len(gen) // len(prompts)``)."""
-    from rlad_pl.batch import build_sequences
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.batch import build_sequences
+    from rlad_pl.core.logprobs import response_logprobs
 
     n = len(gen.completion_ids) // len(prompts)
     ids, mask, P, rmask = build_sequences([p for p in prompts for _ in range(n)], gen.completion_ids,
@@ -155,7 +156,7 @@ def test_every_sample_has_its_own_random_stream(env):
     again = vs.generate([prompt] * 4, params)
     assert again.completion_ids == gen.completion_ids  # reproducible for a fixed seed
     assert vs.generate([prompt] * 4, params.with_(seed=12)).completion_ids != gen.completion_ids
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.sampling.temperature: vLLM accepts temperatures in \[0, 2\]"):
         vs.generate([prompt], params.with_(temperature=2.5))
@@ -192,7 +193,7 @@ def test_sync_stats_and_tied_embedding(env):
 def test_missing_vllm_message(monkeypatch):
     import importlib.util as iu
 
-    from rlad_pl.errors import ConfigError
+    from rlad_pl.core.errors import ConfigError
     from rlad_pl.rollout.vllm import VLLMSampler
 
     real = iu.find_spec
@@ -202,8 +203,8 @@ def test_missing_vllm_message(monkeypatch):
 
 
 def test_cpu_head_dim_refused(env):
-    from rlad_pl.errors import ConfigError
-    from rlad_pl.models import build_tiny_qwen2
+    from rlad_pl.core.errors import ConfigError
+    from rlad_pl.testing.builders import build_tiny_qwen2
     from rlad_pl.rollout.vllm import VLLMSampler
     from vllm.platforms import current_platform
 
@@ -220,7 +221,7 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_ADDR="127.0.0.1", R
                   MASTER_PORT=sys.argv[2])
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from rlad_pl.models import load_causal_lm, load_tokenizer
+from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 from rlad_pl.rollout import HFSampler, SamplingParams
 from rlad_pl.rollout.vllm import VLLMSampler
 
@@ -257,7 +258,7 @@ def test_fsdp2_student_dummy_start_and_trainer_group_survives(tmp_path):
     import subprocess
     import sys
 
-    from rlad_pl.models import save_tiny_model
+    from rlad_pl.testing.builders import save_tiny_model
 
     path = save_tiny_model(tmp_path / "student", seed=0, **ARCH)
     with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""Peak CPU memory of full-vocabulary distillation losses: chunked (``rlad_pl.divergences.chunked_divergence``) vs a
+"""Peak CPU memory of full-vocabulary distillation losses: chunked (``rlad_pl.core.divergences.chunked_divergence``) vs a
 straightforward full-materialization implementation, forward + backward.
 
 Setup: random final hidden states ``[B, R, H]`` for student and teacher and LM heads ``[V, H]`` with a real-size

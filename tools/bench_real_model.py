@@ -1,6 +1,6 @@
 """Seconds per step on CPU of the real model (SmolLM2-135M-Instruct, 49,152-token vocabulary), one table.
 
-    python tools/build_real_model.py               # once (see rlad_pl/real_model.py)
+    python tools/build_real_model.py               # once (see rlad_pl/testing/real_model.py)
     python tools/bench_real_model.py               # the full table: 8 cells, 4 steps of 4 prompts x 4 x 64 tokens
     python tools/bench_real_model.py --steps 3 --prompts 2 --group 4 --new-tokens 32 --chunks 8   # README table
     python tools/bench_real_model.py --only chunks --steps 2 --prompts 2 --group 4 --new-tokens 256 --chunks 32
@@ -224,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="2 cells, 2 steps of 2 prompts x 2 samples x 8 tokens, no chunk rows")
-    p.add_argument("--model", default=None, help="the model folder (default: rlad_pl.real_model.default_dir())")
+    p.add_argument("--model", default=None, help="the model folder (default: rlad_pl.testing.real_model.default_dir())")
     p.add_argument("--chunks", type=int, nargs="*", default=None,
                    help="extra GRPO / HF rows at these model.logprob_chunk_size values (default 8 32; --quick: none)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every cell (median)")
@@ -250,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     chunks = args.chunks if args.chunks is not None else ([] if args.quick else [8, 32])
     if any(c < 1 for c in chunks):
         return _fail("--chunks", f"expected positive integers, got {chunks}")
-    from rlad_pl.real_model import default_dir, is_complete
+    from rlad_pl.testing.real_model import default_dir, is_complete
 
     model_dir = str(Path(args.model).expanduser() if args.model else default_dir())
     if not is_complete(model_dir):

@@ -3,7 +3,7 @@
     python tools/bench_rollout.py                       # tiny (~23K params) and ~50M-parameter random char-level Qwen2s
     python tools/bench_rollout.py --sizes 50m --prompts 16 --group 8 --max-new-tokens 128
 
-For each model (built locally into a temp dir with ``rlad_pl.models.save_tiny_model``; random weights, nothing is
+For each model (built locally into a temp dir with ``rlad_pl.models.loading.save_tiny_model``; random weights, nothing is
 downloaded) both samplers answer the same prompts with the same ``SamplingParams`` (temperature 1, ``n = --group``);
 every response is exactly ``--max-new-tokens`` long (vLLM: ``ignore_eos``; HF: ``generation_config.min_new_tokens``),
 so generated tokens/s compare like with like. Also timed: ``VLLMSampler.sync_weights`` (in-place push of all
@@ -47,8 +47,8 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def _train_step(model, tok, prompts, completions, micro_batch: int) -> None:
-    from rlad_pl.batch import build_sequences
-    from rlad_pl.logprobs import response_logprobs
+    from rlad_pl.core.batch import build_sequences
+    from rlad_pl.core.logprobs import response_logprobs
 
     ids, mask, P, rmask = build_sequences(prompts, completions, tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -62,7 +62,8 @@ def _train_step(model, tok, prompts, completions, micro_batch: int) -> None:
 
 
 def bench_size(name: str, arch: dict, args) -> dict:
-    from rlad_pl.models import load_causal_lm, load_tokenizer, save_tiny_model
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.testing.builders import save_tiny_model
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
 

@@ -8,7 +8,7 @@ annotation) score one fixed random rollout batch through ``annotate_rollouts``, 
 before its updates; the time is the module's own ``timing/teacher_logprobs``. Repetitions interleave the backends
 (local, vllm, local, vllm, ...) so load on a shared machine hits both alike; the vLLM engine's start (once per
 run) is reported separately. Prints per-backend medians, the ratio local / vllm, and the max |vllm - local| over
-the response tokens. ``real`` is SmolLM2-135M-Instruct from ``rlad_pl.real_model`` (``tools/build_real_model.py``),
+the response tokens. ``real`` is SmolLM2-135M-Instruct from ``rlad_pl.testing.real_model`` (``tools/build_real_model.py``),
 used as its own teacher; it is skipped when not built. CPU timings are noisy: the load average is printed.
 """
 
@@ -40,7 +40,7 @@ def model_pairs(names: list[str]) -> list[tuple[str, str, str]]:
         elif name == "demo":
             out.append(("demo", str(assets / "demo-student"), str(assets / "demo-teacher")))
         elif name == "real":
-            from rlad_pl.real_model import default_dir, is_complete
+            from rlad_pl.testing.real_model import default_dir, is_complete
 
             if is_complete(default_dir()):
                 out.append(("real", str(default_dir()), str(default_dir())))
@@ -53,7 +53,7 @@ def model_pairs(names: list[str]) -> list[tuple[str, str, str]]:
 
 def random_rollout(tok, n: int, prompt_len: int, response_len: int, seed: int = 0):
     """``n`` sequences of random non-special tokens; prompt and response lengths vary from half to full."""
-    from rlad_pl.batch import RolloutBatch, build_sequences
+    from rlad_pl.core.batch import RolloutBatch, build_sequences
 
     g = torch.Generator().manual_seed(seed)
     special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
@@ -67,7 +67,7 @@ def random_rollout(tok, n: int, prompt_len: int, response_len: int, seed: int = 
 
 
 def bench(name: str, student: str, teacher: str, args) -> dict:
-    from rlad_pl.module import DistillationModule
+    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
     from rlad_pl.teacher import VLLMTeacher
 

@@ -4,14 +4,14 @@
     python tools/bench_topk.py              # 8 prompts x 48 sampled tokens, k = 1 8 64 256 and V
     python tools/bench_topk.py --prompts 4 --max-new-tokens 32 --ks 1 8 64
 
-Setup: the teacher is SmolLM2-135M-Instruct (``rlad_pl.real_model``, V = 49,152, H = 576); the student is the same
+Setup: the teacher is SmolLM2-135M-Instruct (``rlad_pl.testing.real_model``, V = 49,152, H = 576); the student is the same
 checkpoint with only its first ``--student-layers`` (28) of 30 decoder layers (a smaller student sharing the vocabulary).
 Rollouts are sampled once from the teacher (``--prompts`` chat prompts, temperature 1) and reused for everything.
 
 1. Approximation error. For each full-vocabulary objective (``rlad_pl.objectives``: forward / reverse KL, KL-mix 0.25,
    JSD 0.5, skew forward / reverse KL 0.1, OPSD's clipped forward KL 0.05) the exact path (``teacher_hidden``:
    teacher hidden states + LM head, ``chunked_divergence``) and the top-k path (``teacher_top_k: k``: the teacher's
-   top-k + tail bucket, ``rlad_pl.topk``) give per-token values and the gradient of the token-mean loss w.r.t. the
+   top-k + tail bucket, ``rlad_pl.core.topk``) give per-token values and the gradient of the token-mean loss w.r.t. the
    student's final hidden states. Printed: relative error of the token-mean value, ``|D_k - D| / D``, and of the
    gradient, ``||g_k - g|| / ||g||``, plus the teacher's mean tail mass. k = V must give ~0.
 2. Bytes per response token moved from the teacher to the loss: full logits (fp32 ``V * 4``), today's hidden-state
@@ -56,8 +56,8 @@ def objectives(k=None) -> dict:
 
 
 def load_models(student_layers: int):
-    from rlad_pl.models import load_causal_lm, load_tokenizer
-    from rlad_pl.real_model import default_dir, is_complete
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.testing.real_model import default_dir, is_complete
 
     if not is_complete(default_dir()):
         raise SystemExit(f"bench_topk: {default_dir()} is not built; run python tools/build_real_model.py")
@@ -70,7 +70,7 @@ def load_models(student_layers: int):
 
 @torch.no_grad()
 def sample_rollouts(tok, teacher, n: int, max_new_tokens: int, seed: int):
-    from rlad_pl.batch import RolloutBatch, build_sequences
+    from rlad_pl.core.batch import RolloutBatch, build_sequences
 
     prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                        add_generation_prompt=True, tokenize=True) for i in range(n)]
@@ -99,7 +99,7 @@ def value_and_grad(obj, batch, out, hs):
 
 def approximation_table(batch, hs, s_head, ht, t_head, V: int, ks: list[int]) -> tuple[list, dict]:
     from rlad_pl.objectives.base import StudentOutputs
-    from rlad_pl.topk import chunked_topk
+    from rlad_pl.core.topk import chunked_topk
 
     exact = {}
     out = StudentOutputs(logprobs=torch.zeros(batch.response_mask.shape), hidden=hs, lm_head=s_head,
@@ -151,9 +151,9 @@ def torch_peak_bytes(fn) -> tuple[int, float]:
 
 def memory_table(batch, hs0, s_head, teacher, t_head, V: int, k: int, repeats: int) -> dict:
     """Forward KL, teacher input + forward + backward, per path; each path's peak is the max over repetitions."""
-    from rlad_pl.divergences import chunked_divergence, chunked_positions, forward_kl_lp, student_logprobs
-    from rlad_pl.logprobs import response_hidden
-    from rlad_pl.topk import TeacherTopK, chunked_topk, chunked_topk_divergence, student_buckets
+    from rlad_pl.core.divergences import chunked_divergence, chunked_positions, forward_kl_lp, student_logprobs
+    from rlad_pl.core.logprobs import response_hidden
+    from rlad_pl.core.topk import TeacherTopK, chunked_topk, chunked_topk_divergence, student_buckets
 
     mask = batch.response_mask
     with torch.no_grad():
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    from rlad_pl.logprobs import response_hidden
+    from rlad_pl.core.logprobs import response_hidden
 
     tok, student, teacher = load_models(args.student_layers)
     V = len(tok)
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
             f"{r['value_rel']:8.1e}|{r['grad_rel']:8.1e}" for r in cells))
     print(f"{'tail mass':<13} {'':>8} " + " ".join(f"{tails[k]:>17.2e}" for k in ks))
 
-    from rlad_pl.topk import chunked_topk
+    from rlad_pl.core.topk import chunked_topk
 
     top = chunked_topk(ht, t_head.weight, max(args.ks), chunk_size=16, vocab_size=V)
     print("\n2. bytes per response token, teacher -> loss")

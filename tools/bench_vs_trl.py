@@ -28,7 +28,7 @@ rlad_pl / TRL, sequences / completion tokens / optimizer steps / dtype / threads
 per-step mean reward of each side (mean over repetitions) next to each other.
 
 ``--compile``: ``none`` (default, both eager), ``rlad_pl`` (rlad_pl with ``--model.compile true``: its training
-backbones compiled, ``rlad_pl.compiled``; TRL eager) or ``both`` (TRL's ``torch_compile=True`` too, which compiles the
+backbones compiled, ``rlad_pl.models.compiled``; TRL eager) or ``both`` (TRL's ``torch_compile=True`` too, which compiles the
 whole model and recompiles for the shapes that change every step). ``--warmup`` must then cover the compile steps.
 """
 

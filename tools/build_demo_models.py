@@ -17,7 +17,7 @@ per "rollout" (1024 fresh problems per epoch, never repeated), micro-batches of 
 * student: Qwen2 64/2/2/256, 0.13M parameters, lr 3e-3, only ``STUDENT_STEPS`` steps (a short supervised warm-up,
   so that it is clearly weaker than the teacher and RL has reward variance to work with).
 
-Then both are evaluated with ``rlad_pl.eval_callbacks.evaluate_policy`` on the held-out test split (64 problems per
+Then both are evaluated with ``rlad_pl.training.validate.evaluate_policy`` on the held-out test split (64 problems per
 difficulty level, 512 in all): greedy accuracy, and Mean@8 / Pass@8 at temperature 1.0. The numbers go into each
 model's ``README.md`` (model card) and ``eval.json``.
 
@@ -103,7 +103,7 @@ def train(kind: str, work: Path, out_dir: Path) -> dict:
     """Initialise, fine-tune through ``python -m rlad_pl fit`` and export one model; returns build facts."""
     from rlad_pl.cli import main
     from rlad_pl.data.chain_sum import CHAIN_SUM_CHARS
-    from rlad_pl.models import save_tiny_model
+    from rlad_pl.testing.builders import save_tiny_model
 
     spec = SPECS[kind]
     init = save_tiny_model(work / f"{spec['name']}-init", seed=spec["seed"], chars=CHAIN_SUM_CHARS,
@@ -135,8 +135,8 @@ def train(kind: str, work: Path, out_dir: Path) -> dict:
 def evaluate(path: Path) -> dict:
     """Greedy accuracy and Mean@8 / Pass@8 (T=1) per difficulty on the 512 held-out test problems."""
     from rlad_pl.data.chain_sum import ChainSumTask
-    from rlad_pl.eval_callbacks import evaluate_policy
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.training.validate import evaluate_policy
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     task = ChainSumTask()
     model, tok = load_causal_lm(path, "model"), load_tokenizer(path)
@@ -146,7 +146,7 @@ def evaluate(path: Path) -> dict:
 
 
 def model_card(kind: str, facts: dict, ev: dict, threads: int) -> str:
-    from rlad_pl.eval_callbacks import accuracy_table
+    from rlad_pl.training.validate import accuracy_table
 
     spec = SPECS[kind]
     a = spec["arch"]

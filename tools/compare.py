@@ -418,8 +418,8 @@ def eval_models(config: Path, paths: list[Path]) -> str:
 
     import yaml
 
-    from rlad_pl.eval_callbacks import accuracy_table, evaluate_policy
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.training.validate import accuracy_table, evaluate_policy
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     spec = yaml.safe_load(config.read_text())["data"]["task"]
     mod, cls = spec["class_path"].rsplit(".", 1)
@@ -446,7 +446,7 @@ def pivotal_stats(config: Path, student: Path, teacher: Path, tau: float = 0.8, 
     import yaml
 
     from rlad_pl.data.prompts import encode_prompt
-    from rlad_pl.models import load_causal_lm, load_tokenizer
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
     from rlad_pl.objectives.renio import renio_sample_scores
     from rlad_pl.rollout.hf import HFSampler
     from rlad_pl.rollout.sampler import SamplingParams

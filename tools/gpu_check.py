@@ -12,13 +12,13 @@ is rewritten after each, so a phase that fails, runs out of memory or hangs cost
 Phases (model: a random-init ``Qwen3ForCausalLM`` built locally from a ``Qwen3Config`` with Qwen3-0.6B's shape:
 hidden 1,024, 28 layers, 16 query / 8 KV heads of 128, MLP 3,072, tied 151,936-token vocabulary, 0.60B parameters):
 
-1. ``train``: full fine-tuning under Lightning's ``ModelParallelStrategy`` (FSDP2 via ``rlad_pl.distributed``, bf16
+1. ``train``: full fine-tuning under Lightning's ``ModelParallelStrategy`` (FSDP2 via ``rlad_pl.models.distributed``, bf16
    compute with fp32 master weights: ``MixedPrecisionPolicy``), gradient checkpointing, token NLL of the response
-   positions of fixed random sequences. Steps alternate between the chunked LM head (``rlad_pl.logprobs``, as the
+   positions of fixed random sequences. Steps alternate between the chunked LM head (``rlad_pl.core.logprobs``, as the
    module runs it) and an unchunked one (the ``[B, R, 151936]`` logits at once), so both are measured side by side
    on the same weights: tokens per second and peak ``torch.cuda.max_memory_allocated`` per step, warm-up excluded,
    and the largest log-prob difference of the two heads on the first batch.
-2. ``lora``: the LoRA student (``rlad_pl.lora.apply_lora``, r 64 / alpha 128 on every projection) on the bf16 base
+2. ``lora``: the LoRA student (``rlad_pl.models.lora.apply_lora``, r 64 / alpha 128 on every projection) on the bf16 base
    under the same strategy: the adapters must stay fp32 and the base bf16 (checked on the sharded parameters before
    and after training), the optimizer sees only adapters, first- and last-layer adapters get gradients (gradient
    checkpointing), the loss on a fixed batch decreases; peak memory against phase 1's full fine-tuning.
@@ -139,7 +139,7 @@ def peak_gib(s: Settings) -> Optional[float]:
 
 
 def local_dtype(p) -> str:
-    from rlad_pl.distributed import is_dtensor
+    from rlad_pl.models.distributed import is_dtensor
 
     return str((p.to_local() if is_dtensor(p) else p).dtype).replace("torch.", "")
 
@@ -150,8 +150,8 @@ def make_module(model, s: Settings, modes: tuple[str, ...], lr: float):
     import lightning as L
     import torch
 
-    from rlad_pl.distributed import fsdp_mesh, mixed_precision_policy, root_call, shard_model
-    from rlad_pl.logprobs import _head_chunk, chunked_token_logprobs, response_hidden
+    from rlad_pl.models.distributed import fsdp_mesh, mixed_precision_policy, root_call, shard_model
+    from rlad_pl.core.logprobs import _head_chunk, chunked_token_logprobs, response_hidden
 
     class HeadBench(L.LightningModule):
         def __init__(self):
@@ -301,7 +301,7 @@ def phase_lora(s: Settings) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from rlad_pl.lora import apply_lora
+    from rlad_pl.models.lora import apply_lora
 
     model = build_model(s, torch.bfloat16)
     apply_lora(model, {"r": s.lora_r, "alpha": s.lora_alpha, "target_modules": LORA_TARGETS})
@@ -351,7 +351,7 @@ def save_model_with_tokenizer(s: Settings, out: Path):
     a token and a random model's samples decode."""
     import torch
 
-    from rlad_pl.models import DEFAULT_CHARS, build_char_tokenizer
+    from rlad_pl.testing.builders import DEFAULT_CHARS, build_char_tokenizer
 
     model = build_model(s, torch.bfloat16)  # random init on the GPU: seconds, not a minute of CPU
     n_fill = s.arch["vocab_size"] - 3 - len(DEFAULT_CHARS)

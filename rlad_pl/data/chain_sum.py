@@ -18,7 +18,7 @@ import re
 from typing import Any, Optional
 
 from rlad_pl.data.tasks import Problem, Split, Task
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 #: characters of the chain_sum format (the demo tokenizer is ``<pad> <bos> <eos>`` followed by these)
 CHAIN_SUM_CHARS = list("0123456789+-=;#")

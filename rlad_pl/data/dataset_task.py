@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 from rlad_pl.data.tasks import Problem, Split, Task, json_lines, read_utf8
 from rlad_pl.data.verifiers import MathVerifier
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 #: file suffix -> ``datasets`` packaged builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 FIELD = "data.prompt_format"
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.validation import check_int
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_int
 
 Split = Literal["train", "val", "test"]
 

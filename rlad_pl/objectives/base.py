@@ -22,8 +22,8 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -36,7 +36,7 @@ TEACHER_LOGPROBS = "teacher_logprobs"  # frozen teacher at sampled tokens
 ENTROPY = "entropy"  # student token entropy, with gradient
 STUDENT_HIDDEN = "student_hidden"  # student final hidden states [N, R, H] (full-vocabulary losses)
 TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full-vocabulary losses)
-TEACHER_TOPK = "teacher_topk"  # teacher top-k ids / log-probs + tail per position (rlad_pl.topk.TeacherTopK)
+TEACHER_TOPK = "teacher_topk"  # teacher top-k ids / log-probs + tail per position (rlad_pl.core.topk.TeacherTopK)
 SAMPLER_LOGPROBS = "sampler_logprobs"  # log-probs reported by the inference engine (TIS correction); implies old
 TEACHER_PREFIXES = "teacher_prefixes"  # responses are sampled from the teacher, not the student (off-policy cells)
 PRIVILEGED_PROMPT = "privileged_prompt"  # the teacher scores the response after the privileged prompt (OPSD)
@@ -107,7 +107,7 @@ class StudentOutputs:
     lm_head: Optional[torch.nn.Module] = None
     teacher_hidden: Optional[Tensor] = None  # [N, R, H_T], no gradient
     teacher_lm_head: Optional[torch.nn.Module] = None
-    teacher_topk: Optional[object] = None  # rlad_pl.topk.TeacherTopK (requires teacher_topk)
+    teacher_topk: Optional[object] = None  # rlad_pl.core.topk.TeacherTopK (requires teacher_topk)
     vocab_size: Optional[int] = None  # shared tokenizer range for full-vocabulary losses
     temperature: float = 1.0
     step: int = 0  # optimizer steps taken so far (for coefficient schedules)
@@ -133,7 +133,7 @@ class Objective:
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None):
-        from rlad_pl.validation import check_choice, check_float
+        from rlad_pl.core.validation import check_choice, check_float
 
         self.name = name or type(self).__name__.lower()
         if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():

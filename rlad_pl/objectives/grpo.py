@@ -5,7 +5,7 @@
     w_t     = sg( min(exp(l_old - l_sampler), tis_cap) )            (truncated importance sampling; 1 if off)
     loss    = agg( - w_t surr_t + beta_ref * KL_k(l_S, l_ref) )
 
-``A_i`` is the same for every token of response i (computed by the data module, see ``rlad_pl.advantages``).
+``A_i`` is the same for every token of response i (computed by the data module, see ``rlad_pl.core.advantages``).
 The per-token loss (``GRPO.per_token``) is reusable: KDRL adds a term to it, TRRD replaces the ratio, ReNIO
 reweights it per sample.
 """
@@ -17,8 +17,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import (ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, StudentOutputs,
                                      TokenObjective, masked_mean, sanitize_logprobs)
 

@@ -15,8 +15,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import TEACHER_LOGPROBS, StudentOutputs, masked_mean, sanitize_logprobs
 from rlad_pl.objectives.grpo import GRPO, KLEstimator, kl_estimate
 

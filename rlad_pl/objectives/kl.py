@@ -3,7 +3,7 @@
     v_t  = D( q(.|s_t) , p(.|s_t) )  at every response position,  q = softmax(z_S / T),  p = softmax(z_T / T)
     loss = agg(v)                    (the paper's token mean: set ``loss_agg: token_mean``)
 
-``D`` is one of ``rlad_pl.divergences`` (``forward`` = KL(p||q), ``reverse`` = KL(q||p), ``mix`` = lam RKL + (1-lam)
+``D`` is one of ``rlad_pl.core.divergences`` (``forward`` = KL(p||q), ``reverse`` = KL(q||p), ``mix`` = lam RKL + (1-lam)
 FKL, ``jsd`` = GKD generalized JSD(beta), ``skew_forward`` / ``skew_reverse`` = DistiLLM, ``clipped_forward`` =
 ReNIO/OPSD per-entry clipped FKL). Prefixes come from the student (``prefix_source: student``, on-policy, cells B/D)
 or from teacher samples (``teacher``, cells A/C). The two LM heads run chunk by chunk (``chunked_divergence``).
@@ -24,14 +24,14 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.divergences import (chunked_divergence, clipped_forward_kl_lp, entropy_lp, forward_kl_lp,
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.divergences import (chunked_divergence, clipped_forward_kl_lp, entropy_lp, forward_kl_lp,
                                  generalized_jsd_lp, reverse_kl_lp, skew_forward_kl_lp, skew_reverse_kl_lp,
                                  student_logprobs, teacher_logprobs)
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import (DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES,
                                      TEACHER_TOPK, StudentOutputs, TokenObjective, masked_mean)
-from rlad_pl.topk import check_top_k_value, chunked_topk_divergence, student_buckets
+from rlad_pl.core.topk import check_top_k_value, chunked_topk_divergence, student_buckets
 
 Divergence = Literal["forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward"]
 PrefixSource = Literal["student", "teacher", "dataset"]
@@ -58,7 +58,7 @@ class TokenKL(TokenObjective):
         teacher_top_k: null (default): the exact full-vocabulary divergence from the teacher's hidden states
             (``requires teacher_hidden``). An integer k: ``D`` over k + 1 buckets, the teacher's top-k tokens per
             position plus one tail bucket for its remaining mass (``requires teacher_topk``, which every teacher
-            backend provides, vLLM / server included; ``rlad_pl.topk``); k = vocabulary size is the exact value.
+            backend provides, vLLM / server included; ``rlad_pl.core.topk``); k = vocabulary size is the exact value.
         chunk_size: response positions per LM-head chunk (peak memory ~ ``chunk_size * V * 4 bytes * a few``).
         log_stats: also log the token-mean FKL, RKL and student entropy (a few extra elementwise ops per chunk).
 
@@ -135,7 +135,7 @@ class TokenKL(TokenObjective):
             return value, forward_kl_lp(lq, logp), reverse_kl_lp(lq, logp), entropy_lp(lq)
 
     def topk_chunk_fn(self, z_s: Tensor, ids: Tensor, logp_b: Tensor):
-        """As ``chunk_fn`` over the k + 1 buckets (``rlad_pl.topk``): the student's full log-probs at the teacher's
+        """As ``chunk_fn`` over the k + 1 buckets (``rlad_pl.core.topk``): the student's full log-probs at the teacher's
         ids plus its tail, against the teacher's bucket log-probs ``logp_b``; ``entropy`` over the full vocabulary."""
         logq = student_logprobs(z_s)
         logq_b = student_buckets(logq, ids)

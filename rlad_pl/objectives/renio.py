@@ -20,8 +20,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import (TEACHER_LOGPROBS, Denominators, LossOutput, Objective, StudentOutputs,
                                      TokenObjective, per_sample_token_mean, sanitize_logprobs)
 

@@ -16,8 +16,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import TEACHER_LOGPROBS, masked_mean, sanitize_logprobs
 from rlad_pl.objectives.grpo import GRPO, KLEstimator, old_logprobs_of
 

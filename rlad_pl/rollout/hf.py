@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rlad_pl.batch import pad_rows
-from rlad_pl.errors import warn_once
+from rlad_pl.core.batch import pad_rows
+from rlad_pl.core.errors import warn_once
 from rlad_pl.rollout.decode import decode
 from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 
@@ -31,7 +31,7 @@ class HFSampler(Sampler):
     """
 
     def __init__(self, batch_size: int = 1024, decode: str = "loop"):
-        from rlad_pl.validation import check_choice, check_int
+        from rlad_pl.core.validation import check_choice, check_int
 
         self.batch_size = check_int("data.sampler.init_args.batch_size", batch_size)
         self.decode = check_choice("data.sampler.init_args.decode", decode, ("loop", "generate"))
@@ -43,7 +43,7 @@ class HFSampler(Sampler):
         self.model = model
 
     def sync_weights(self, model) -> dict[str, float]:
-        from rlad_pl.distributed import is_sharded, unsharded_copy
+        from rlad_pl.models.distributed import is_sharded, unsharded_copy
 
         if is_sharded(model):
             self._copy, nbytes = unsharded_copy(model, self._copy)
@@ -72,7 +72,7 @@ class HFSampler(Sampler):
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        vocab = len(tok)  # the trainer's V (rlad_pl.models.shared_vocab_size)
+        vocab = len(tok)  # the trainer's V (rlad_pl.models.loading.shared_vocab_size)
         if self.decode == "generate" and _head_rows(model) > vocab:
             from transformers import LogitsProcessorList
 

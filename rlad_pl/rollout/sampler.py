@@ -39,7 +39,7 @@ class SamplingParams:
     def validate(self, prefix: str) -> "SamplingParams":
         """Raise ``ConfigError`` naming ``<prefix>.<field>`` for a value no engine can honour (instead of an engine
         traceback or a silent change): temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, n >= 1."""
-        from rlad_pl.validation import check_float, check_int
+        from rlad_pl.core.validation import check_float, check_int
 
         check_float(f"{prefix}.temperature", self.temperature, low=0.0, hint=" (0 = greedy)")
         check_float(f"{prefix}.top_p", self.top_p, low=0.0, high=1.0, low_open=True, hint=" (1.0 = off)")

@@ -80,7 +80,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class VLLMSampler(Sampler):
         if self.llm is not None:
             return
         vllm = import_vllm()
-        from rlad_pl.lora import BaseModelView, is_lora, merged_state_dict, save_merged
+        from rlad_pl.models.lora import BaseModelView, is_lora, merged_state_dict, save_merged
 
         rank, world = _global_rank(), _world_size()
         if world > 1 and self.tensor_parallel_size != 1:
@@ -445,7 +445,7 @@ class VLLMSampler(Sampler):
         LoRA rank. Keeps the PEFT config (as vLLM's ``PEFTHelper`` reads it) for the syncs."""
         from vllm.lora.peft_helper import PEFTHelper
 
-        from rlad_pl.lora import BaseModelView, adapter_config, is_lora, lora_layers, non_adapter_trainables
+        from rlad_pl.models.lora import BaseModelView, adapter_config, is_lora, lora_layers, non_adapter_trainables
 
         field = "data.sampler.init_args.lora_sync"
         if isinstance(model, BaseModelView) or not is_lora(model):
@@ -482,7 +482,7 @@ class VLLMSampler(Sampler):
     def _check_engine_lora_modules(self, model: torch.nn.Module) -> None:
         """Every LoRA-targeted module of the student must be one the engine applies LoRA to (directly or as part of
         a packed module such as ``qkv_proj``); otherwise its update would be dropped silently."""
-        from rlad_pl.lora import lora_layers
+        from rlad_pl.models.lora import lora_layers
 
         modules, packed = self.llm.collective_rpc(_worker_lora_modules)[0]
         leaves = {m.rsplit(".", 1)[-1] for m in modules}
@@ -544,8 +544,8 @@ class VLLMSampler(Sampler):
     def _named_weights(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint-named parameters, tied embeddings once (``named_parameters`` skips shared tensors). A LoRA
         student sends its merged weights ``W + scale * B @ A`` in the base model's names, merged one tensor at a time
-        as the buckets fill (``rlad_pl.lora.sync_named_weights``); its adapters-off base view sends the base."""
-        from rlad_pl.lora import sync_named_weights
+        as the buckets fill (``rlad_pl.models.lora.sync_named_weights``); its adapters-off base view sends the base."""
+        from rlad_pl.models.lora import sync_named_weights
 
         for name, p in sync_named_weights(model):
             name = _clean_name(name)
@@ -598,7 +598,7 @@ class VLLMSampler(Sampler):
         Returns ``(bytes, tensors)`` sent."""
         from vllm.lora.request import LoRARequest
 
-        from rlad_pl.lora import adapter_named_tensors
+        from rlad_pl.models.lora import adapter_named_tensors
 
         dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
         tensors: dict[str, torch.Tensor] = {}
@@ -625,7 +625,7 @@ class VLLMSampler(Sampler):
         nbytes, buckets, tensors = 0, 0, 0
         adapter = self.lora_sync == "adapter"
         if not adapter or not self._base_loaded:  # merged / full weights; or a sharded student's base, once
-            from rlad_pl.lora import BaseModelView
+            from rlad_pl.models.lora import BaseModelView
 
             nbytes, buckets, tensors = self._push_weights(BaseModelView(model) if adapter else model, dtype)
             self._base_loaded = True

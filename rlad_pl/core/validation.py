@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 
 def check_int(field: str, value: Any, minimum: int = 1, hint: str = "") -> int:

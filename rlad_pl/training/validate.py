@@ -4,7 +4,7 @@
   bucket, mean response length) once before the first optimizer step and logs it at step 0 under the same tags as
   the regular validation (``val/all/mean@k``, ``val/<bucket>/pass@k``, ``val/response_length_mean``), so every
   run has a "before" point and TensorBoard curves start at 0. Enable it with ``--trainer.callbacks+=
-  rlad_pl.eval_callbacks.ValidateAtStart`` or in YAML under ``trainer.callbacks``.
+  rlad_pl.training.validate.ValidateAtStart`` or in YAML under ``trainer.callbacks``.
 * ``evaluate_policy``: the same metrics for a model outside a trainer (model cards, tests): ``HFSampler`` +
   ``Task.verify`` + ``MeanPassAtK``.
 """
@@ -19,7 +19,7 @@ import torch
 
 from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.data.tasks import Split, Task
-from rlad_pl.metrics import MeanPassAtK
+from rlad_pl.core.metrics import MeanPassAtK
 from rlad_pl.rollout.hf import HFSampler
 from rlad_pl.rollout.sampler import SamplingParams
 

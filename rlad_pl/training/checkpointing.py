@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 INTERRUPTED_NAME = "interrupted"
 
@@ -209,7 +209,7 @@ class RolloutCheckpoint(ModelCheckpoint):
             lines.append(f"optimizer step {trainer.global_step} -> {path}")
         if self.last_model_path:
             lines.append(f"rollout batch {self._saved_epochs} -> {self.last_model_path} (resume: --ckpt_path last)")
-        from rlad_pl.callbacks import HFExport
+        from rlad_pl.training.export import HFExport
 
         for cb in trainer.callbacks:
             if isinstance(cb, HFExport) and cb.enabled:

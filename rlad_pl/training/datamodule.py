@@ -18,12 +18,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlad_pl.advantages import group_advantages, zero_variance_fraction
-from rlad_pl.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
+from rlad_pl.core.advantages import group_advantages, zero_variance_fraction
+from rlad_pl.core.batch import RolloutBatch, StepBatch, build_sequences, pad_rows
 from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.data.tasks import Problem, Task
-from rlad_pl.errors import ConfigError
-from rlad_pl.validation import check_float, check_int
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_float, check_int
 from rlad_pl.objectives.base import DATASET_PREFIXES, PRIVILEGED_PROMPT, TEACHER_PREFIXES
 from rlad_pl.rollout.cache import GenerationCache
 from rlad_pl.rollout.hf import HFSampler

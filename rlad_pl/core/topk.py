@@ -8,7 +8,7 @@ the top-k) and ``S_t`` the teacher's top-k ids at position t, the objective sees
     q_b = q_v (v in S_t),     q_tail = 1 - sum_{v in S_t} q_v = sum_{v not in S_t} q_v
 
 where ``q = softmax(z_S[:V] / T)`` is the student's own full distribution (never renormalised over the top-k), and
-any full-vocabulary divergence ``D`` (``rlad_pl.divergences``) is evaluated over the buckets: ``D_k = D(q_b, p_b)``.
+any full-vocabulary divergence ``D`` (``rlad_pl.core.divergences``) is evaluated over the buckets: ``D_k = D(q_b, p_b)``.
 For k = V the tail is empty and ``D_k`` is the full-vocabulary value. Merging tokens into one bucket can only lower
 an f-divergence (data processing), so for FKL, RKL, KL-mix, JSD and skew KL ``D_k <= D``; the gradient of FKL over
 buckets is ``(q_v - p_v) / T`` on the top-k and ``(q_u - p_tail q_u / q_tail) / T`` elsewhere (the teacher's tail
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlad_pl.divergences import VOCAB_LOGPROB_FLOOR, chunked_positions
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.divergences import VOCAB_LOGPROB_FLOOR, chunked_positions
+from rlad_pl.core.errors import ConfigError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def student_buckets(logq: Tensor, ids: Tensor) -> Tensor:
 def chunked_topk(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                  chunk_size: int = 256, vocab_size: Optional[int] = None) -> TeacherTopK:
     """Top-k of ``log_softmax(W[:V] h / T)`` from final hidden states ``[N, R, H]``, ``chunk_size`` positions (of
-    every sequence) at a time like ``rlad_pl.logprobs.chunked_token_logprobs``: only ``[N, chunk, V]`` logits exist."""
+    every sequence) at a time like ``rlad_pl.core.logprobs.chunked_token_logprobs``: only ``[N, chunk, V]`` logits exist."""
     if vocab_size is not None:
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
@@ -141,7 +141,7 @@ def chunked_topk_divergence(student_hidden: Tensor, student_weight: Tensor, topk
                             student_bias: Optional[Tensor] = None,
                             mask: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, ...]]:
     """Per-position ``fn(z_s / T, ids, log p_b)`` -> ``[N, R]`` fp32, the student's LM head chunk by chunk (as
-    ``rlad_pl.divergences.chunked_divergence``, under activation checkpointing; only ``[chunk, V]`` student logits
+    ``rlad_pl.core.divergences.chunked_divergence``, under activation checkpointing; only ``[chunk, V]`` student logits
     exist). ``fn`` gets the scaled student logits ``[n, V]``, the teacher's ids ``[n, k]`` and bucket log-probs
     ``[n, k + 1]`` (``TeacherTopK.buckets``) and typically applies a divergence to ``(student_buckets(log q, ids),
     log p_b)``."""

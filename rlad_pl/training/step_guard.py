@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.validation import check_int
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_int
 
 #: the counter (in ``DistillationModule.counters``, logged and checkpointed) of skipped optimizer steps
 SKIPPED = "nonfinite/steps_skipped"

@@ -1,9 +1,9 @@
 """Opt-in ``torch.compile`` of the trainer's forward passes (``model.compile: true``).
 
-What is compiled is the transformer backbone that ``rlad_pl.logprobs.response_hidden`` runs: the student's training
+What is compiled is the transformer backbone that ``rlad_pl.core.logprobs.response_hidden`` runs: the student's training
 pass (with its backward), the no-grad annotation passes (old / reference log-probs) and a ``LocalTeacher``'s
 forward. The Hugging Face sampler's decode loop and validation keep the eager model (a growing KV cache would
-recompile every step). The LM head stays the chunked eager ``rlad_pl.logprobs`` path.
+recompile every step). The LM head stays the chunked eager ``rlad_pl.core.logprobs`` path.
 
 The compiled graph is ``torch.compile(backbone, dynamic=True)``: rollout micro-batches change length every step, so
 one graph with symbolic shapes serves all of them (plus one recompile for the no-grad passes). The models'
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.metrics import MeanPassAtK
+from rlad_pl.core.metrics import MeanPassAtK
 
 
 def cross_rank_ops(logs: dict) -> dict[str, list[str]]:

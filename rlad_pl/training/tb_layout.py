@@ -159,7 +159,7 @@ class TensorBoardOverview(L.Callback):
     def _write_layout(self, trainer: L.Trainer, pl_module, predict_eval: bool = True) -> None:
         """(Re)write the layout when the tags seen so far give a different one than the last written.
         ``predict_eval``: add the validation tags the module will log (before the first validation has run)."""
-        from rlad_pl.eval_callbacks import ValidateAtStart
+        from rlad_pl.training.validate import ValidateAtStart
 
         tags = set(self.tags)
         for cb in trainer.callbacks:  # ValidateAtStart logs straight to the loggers
@@ -174,7 +174,7 @@ class TensorBoardOverview(L.Callback):
                 lg.experiment.add_custom_scalars(layout)
 
     def _validates(self, trainer: L.Trainer) -> bool:
-        from rlad_pl.eval_callbacks import ValidateAtStart
+        from rlad_pl.training.validate import ValidateAtStart
 
         at_start = any(isinstance(cb, ValidateAtStart) and cb.enabled for cb in trainer.callbacks)
         return at_start or bool(trainer.limit_val_batches)
@@ -204,7 +204,7 @@ class TensorBoardOverview(L.Callback):
             return
         value = self.final_val
         if value is None:  # only the step-0 validation ran (it logs outside trainer.callback_metrics)
-            from rlad_pl.eval_callbacks import ValidateAtStart
+            from rlad_pl.training.validate import ValidateAtStart
 
             for cb in trainer.callbacks:
                 if isinstance(cb, ValidateAtStart) and cb.metrics:

@@ -15,9 +15,9 @@ from typing import Optional
 
 import lightning as L
 
-from rlad_pl.checkpointing import check_writable
-from rlad_pl.errors import ConfigError
-from rlad_pl.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
+from rlad_pl.training.checkpointing import check_writable
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
 
 
 class HFExport(L.Callback):
@@ -54,7 +54,7 @@ class HFExport(L.Callback):
                 check_writable(out, "export.dirpath")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        from rlad_pl.checkpointing import RolloutCheckpoint
+        from rlad_pl.training.checkpointing import RolloutCheckpoint
 
         for cb in trainer.checkpoint_callbacks:  # checkpoint first: a failing export must not lose training
             if isinstance(cb, RolloutCheckpoint):
@@ -68,7 +68,7 @@ class HFExport(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         # Ctrl-C: export here only when no RolloutCheckpoint does it (after its checkpoint)
-        from rlad_pl.checkpointing import RolloutCheckpoint
+        from rlad_pl.training.checkpointing import RolloutCheckpoint
 
         if isinstance(exception, KeyboardInterrupt) and not any(
                 isinstance(cb, RolloutCheckpoint) and cb.save_on_interrupt for cb in trainer.callbacks):
@@ -82,7 +82,7 @@ class HFExport(L.Callback):
         # a collective under sharding: every rank gathers bucket by bucket; only rank 0 keeps (and writes) the result
         lora, adapter_state = getattr(pl_module, "lora", None), None
         if lora is not None:  # merged weights in the base model's names; the adapters alone on request
-            from rlad_pl.lora import adapter_state_dict, merged_state_dict, save_adapter
+            from rlad_pl.models.lora import adapter_state_dict, merged_state_dict, save_adapter
 
             state = merged_state_dict(pl_module.student, rank0_only=True)
             adapter_state = adapter_state_dict(lora, rank0_only=True) if self.adapter else None

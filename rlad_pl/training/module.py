@@ -19,20 +19,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch, StepBatch
-from rlad_pl.checkpointing import defer_sigint
-from rlad_pl.compiled import check_compile, compile_backbone
-from rlad_pl.distributed import reshard, root_call
-from rlad_pl.errors import ConfigError
-from rlad_pl.evaluation import EvaluationHooks
-from rlad_pl.module_checks import check_groups, check_objectives, check_optimizer, check_settings
-from rlad_pl.step_guard import StepGuard
-from rlad_pl.training_state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
-from rlad_pl.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
+from rlad_pl.core.batch import RolloutBatch, StepBatch
+from rlad_pl.training.checkpointing import defer_sigint
+from rlad_pl.models.compiled import check_compile, compile_backbone
+from rlad_pl.models.distributed import reshard, root_call
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.training.hooks import EvaluationHooks
+from rlad_pl.training.module_checks import check_groups, check_objectives, check_optimizer, check_settings
+from rlad_pl.training.step_guard import StepGuard
+from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
+from rlad_pl.core.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
 from rlad_pl.rollout.mismatch import logprob_mismatch
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
-from rlad_pl.topk import check_top_k_vocab, requested_top_k
-from rlad_pl.models import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
+from rlad_pl.core.topk import check_top_k_vocab, requested_top_k
+from rlad_pl.models.loading import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
                             shared_vocab_size, warn_remote_code)
 from rlad_pl.objectives.base import (ENTROPY, LOGPROB_FLOOR, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS,
                                      STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode,
@@ -78,13 +78,13 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             parameters, optimizer state and LR schedule stay bit-identical (counted in ``nonfinite/steps_skipped``,
             one warning line the first time); after this many consecutive skipped steps the run stops with one line.
         lora: PEFT ``LoraConfig`` fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ...) to train a LoRA
-            student (``rlad_pl.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
+            student (``rlad_pl.models.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
             student (``model.teacher`` naming the student's files at the same dtype) or a reference model is the
             student's base with adapters disabled, not a second loaded copy. None: full fine-tuning.
         teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default: a frozen
             Hugging Face model in the trainer, exact, every input) or ``VLLMTeacher`` (an in-process vLLM engine,
             sampled-token log-probs by prefill).
-        compile: ``torch.compile`` the backbones of the training forward passes (``rlad_pl.compiled``): the
+        compile: ``torch.compile`` the backbones of the training forward passes (``rlad_pl.models.compiled``): the
             student's update and annotation passes and a local teacher. Agrees with eager to ~1e-5, not
             bit-identical; not under ``ModelParallelStrategy`` yet; the sampler's decode loop stays eager.
     """
@@ -145,7 +145,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.student.train()  # from_pretrained returns eval mode
         self.lora = None
         if lora is not None:  # in place: self.student stays the Hugging Face model, only adapters require grad
-            from rlad_pl.lora import apply_lora
+            from rlad_pl.models.lora import apply_lora
 
             self.lora = apply_lora(self.student, lora, "model.lora")
         if gradient_checkpointing:
@@ -172,7 +172,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
         self.register_state_dict_post_hook(drop_frozen_keys)
         if self.lora is not None:  # ... and of a LoRA student only the trainable (adapter) tensors
-            from rlad_pl.lora import drop_frozen_student_keys
+            from rlad_pl.models.lora import drop_frozen_student_keys
 
             self.register_state_dict_post_hook(drop_frozen_student_keys)
 
@@ -182,7 +182,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        from rlad_pl.distributed import fsdp_mesh, mixed_precision_policy, shard_model
+        from rlad_pl.models.distributed import fsdp_mesh, mixed_precision_policy, shard_model
 
         mesh, policy = fsdp_mesh(mesh), mixed_precision_policy(self.fsdp_mixed_precision)
         for m in (self.student, self.teacher, self.reference):

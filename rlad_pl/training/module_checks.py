@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from rlad_pl.errors import ConfigError, warn_once
+from rlad_pl.core.errors import ConfigError, warn_once
 from rlad_pl.objectives.base import KNOWN_REQUIREMENTS, AggMode, Objective
-from rlad_pl.validation import check_choice, check_float, check_int
+from rlad_pl.core.validation import check_choice, check_float, check_int
 
 #: below these, sampling is near-greedy: a group's responses are (nearly) identical
 NEAR_GREEDY_TEMPERATURE, NEAR_GREEDY_TOP_P = 0.1, 0.1

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 #: short names accepted for PEFT fields (prime-rl / the issue's spelling)
 SHORT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -301,7 +301,7 @@ def export_state_items(model: Any) -> Iterator[tuple[str, Tensor]]:
 def merged_state_dict(model: Any, rank0_only: bool = True, bucket_bytes: int = 256 << 20) -> dict[str, Tensor]:
     """Unsharded CPU state dict of the merged model (a collective under sharding; ``{}`` on other ranks with
     ``rank0_only``). The export writes it: one full CPU copy, as any ``save_pretrained`` of a sharded model."""
-    from rlad_pl.distributed import iter_full_tensors
+    from rlad_pl.models.distributed import iter_full_tensors
 
     keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     out: dict[str, Tensor] = {}
@@ -320,7 +320,7 @@ def save_merged(model: nn.Module, out: str | os.PathLike, state: Optional[dict] 
 
 def adapter_state_dict(lora: LoraStudent, rank0_only: bool = True) -> dict[str, Tensor]:
     """The adapter tensors in ``PeftModel.state_dict()`` names (gathered: a collective under sharding)."""
-    from rlad_pl.distributed import iter_full_tensors
+    from rlad_pl.models.distributed import iter_full_tensors
 
     keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     named = [(n, p) for n, p in lora.peft_model.named_parameters() if base_name(n) is None]

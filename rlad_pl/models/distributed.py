@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from rlad_pl.errors import ConfigError
+from rlad_pl.core.errors import ConfigError
 
 #: components that wrappers insert into parameter names (torch.compile, DDP, FSDP1, activation checkpointing)
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -228,7 +228,7 @@ def unsharded_copy(model: nn.Module, target: Optional[nn.Module] = None, bucket_
     """
     from transformers import AutoModelForCausalLM
 
-    from rlad_pl.lora import sync_named_weights
+    from rlad_pl.models.lora import sync_named_weights
 
     first = next(iter(model.parameters()))
     device = first.to_local().device if is_dtensor(first) else first.device

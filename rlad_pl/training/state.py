@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from rlad_pl.errors import ConfigError
-from rlad_pl.step_guard import StepGuard
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.training.step_guard import StepGuard
 
 #: the checkpoint entry of the training state
 STATE_KEY = "rlad_pl"

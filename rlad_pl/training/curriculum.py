@@ -17,9 +17,9 @@ from typing import Optional
 import lightning as L
 import torch
 
-from rlad_pl.batch import build_sequences
-from rlad_pl.errors import ConfigError
-from rlad_pl.logprobs import response_logprobs
+from rlad_pl.core.batch import build_sequences
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.logprobs import response_logprobs
 
 
 def gate(entropy: float, h_min: float, stage: int, num_stages: int, frozen: bool) -> tuple[int, bool]:

@@ -7,12 +7,12 @@ ran. Three inputs exist:
 * ``teacher_hidden``: the teacher's final hidden states ``[N, R, H_T]`` plus its LM head, from which the
   full-vocabulary objectives (forward / reverse KL, KL-mix, JSD, skew KL, OPSD) build distributions chunk by chunk;
 * ``teacher_topk``: the teacher's top-k ids and log-probs per position plus its remaining mass
-  (``rlad_pl.topk.TeacherTopK``), for the same objectives with ``teacher_top_k: k``; every backend provides it.
+  (``rlad_pl.core.topk.TeacherTopK``), for the same objectives with ``teacher_top_k: k``; every backend provides it.
 
 Backends:
 
 * ``LocalTeacher`` (default): the frozen teacher in the trainer, a Hugging Face forward with the chunked LM head
-  (``rlad_pl.logprobs``), FSDP2-shardable like the student; a LoRA student's adapters-off base when the teacher is
+  (``rlad_pl.core.logprobs``), FSDP2-shardable like the student; a LoRA student's adapters-off base when the teacher is
   the initial student. Exact, every input, any temperature.
 * ``VLLMTeacher``: an in-process vLLM engine that scores the rollouts by prefill (``prompt_logprobs``): sampled-token
   log-probs and top-k distributions (``prompt_logprobs=k``; full-vocabulary objectives without ``teacher_top_k``
@@ -38,12 +38,12 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from rlad_pl.batch import RolloutBatch
-from rlad_pl.distributed import reshard, root_call
-from rlad_pl.errors import ConfigError
-from rlad_pl.logprobs import response_hidden, response_logprobs
+from rlad_pl.core.batch import RolloutBatch
+from rlad_pl.models.distributed import reshard, root_call
+from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.logprobs import response_hidden, response_logprobs
 from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_PREFIXES, TEACHER_TOPK
-from rlad_pl.topk import TeacherTopK, chunked_topk, topk_from_entries
+from rlad_pl.core.topk import TeacherTopK, chunked_topk, topk_from_entries
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class LocalTeacher(TeacherScorer):
         self.model = None
 
     def load(self, source, dtype, *, student_source=None, student_dtype=None, lora=None):
-        from rlad_pl.models import load_causal_lm
+        from rlad_pl.models.loading import load_causal_lm
 
         # a LoRA student's base with adapters off *is* the initial student: no second copy
         if (lora is not None and student_source is not None and source.tag == student_source.tag
@@ -152,7 +152,7 @@ class LocalTeacher(TeacherScorer):
 @torch.no_grad()
 def _local_topk(model, ids: Tensor, mask: Tensor, P: int, k: int, temperature: float, chunk_size: int,
                 vocab_size: int) -> TeacherTopK:
-    """Teacher forward, then the top-k from its LM head chunk by chunk (``rlad_pl.topk.chunked_topk``)."""
+    """Teacher forward, then the top-k from its LM head chunk by chunk (``rlad_pl.core.topk.chunked_topk``)."""
     head = model.get_output_embeddings()
     return chunked_topk(response_hidden(model, ids, mask, P), head.weight, k, bias=getattr(head, "bias", None),
                         temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
