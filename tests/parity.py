@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 EPOCHS = 4
-#: tags compared by the parity test: every loss, reward and accuracy the run logs
-COMPARED = ("loss", "reward", "accuracy")
+#: tags compared by the parity test: every loss, reward, accuracy, gradient norm and entropy the run logs
+COMPARED = ("loss", "reward", "accuracy", "grad_norm", "entropy")
 
 
 def parity_configs(repo: Path) -> list[str]:

@@ -65,11 +65,12 @@ def test_teacher_prefixes_come_from_the_cached_teacher(tmp_path):
     cli = _fit(tmp_path, "forward_kl_teacher_prefix_tiny", 1, "--data.teacher_cache_dir", str(cache))
     assert len(list(cache.glob("*.json"))) == 1
     dm = cli.datamodule
-    problems = dm.task.problems("train", dm.prompts_per_rollout, offset=0)
-    again = dm.make_rollout(problems, seed=dm.seed)  # same prompts, params and seed -> a cache hit
+    problems = dm.task.problems("train", dm.settings.prompts_per_rollout, offset=0)
+    seed = dm.settings.rollout_seed(0, 0)
+    again = dm.pipeline.rollout(problems, seed=seed, step=1).batch  # same prompts, params and seed -> a cache hit
     assert dm.rollout_stats["rollout/teacher_cache_hits"] == 1.0
-    teacher_gen = dm.teacher_sampler.generate([dm.encode_prompt(p.prompt) for p in problems],
-                                              dm.sampling.with_(seed=dm.seed))
+    teacher_gen = dm.teacher_sampler.generate([dm.pipeline.encode_prompt(p.prompt) for p in problems],
+                                              dm.sampling.with_(seed=seed))
     resp = [row[again.response_mask[i].bool()].tolist() for i, row in enumerate(again.response_ids)]
     assert resp == teacher_gen.completion_ids
 
@@ -80,9 +81,9 @@ def test_opsd_teacher_scores_same_tokens_after_privileged_prompt(tmp_path):
     cli = _fit(tmp_path, "opsd_tiny", 1)
     dm, module = cli.datamodule, cli.model
     problems = dm.task.problems("train", 3, offset=0)
-    rollout = dm.make_rollout(problems, seed=1)
-    module.annotate_rollouts(rollout, need_old=False)
-    R, tok = rollout.response_len, dm.tokenizer
+    rollout = dm.pipeline.rollout(problems, seed=1, step=cli.trainer.global_step).batch
+    module.annotator().annotate(rollout, need_old=False)
+    R, tok = rollout.response_len, module.tokenizer
     torch.testing.assert_close(rollout.teacher_input_ids[:, -R:], rollout.input_ids[:, -R:], rtol=0, atol=0)
     for i in range(rollout.num_sequences):
         p = problems[i // dm.group_size]

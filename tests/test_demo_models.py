@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlad_pl.data.chain_sum import ChainSumTask
-from rlad_pl.training.validate import evaluate_policy
+from rlad_pl.pipeline.evaluate import evaluate_policy
 from rlad_pl.models.loading import PACKAGE_DIR, load_causal_lm, load_tokenizer
 
 ASSETS = PACKAGE_DIR / "assets"

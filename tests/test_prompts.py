@@ -170,11 +170,11 @@ def test_opsd_student_and_privileged_teacher_prompts_use_the_prompt_format(tmp_p
                   "--data.task", json.dumps(task),
                   "--data.prompt_format", json.dumps(SYSTEM_FMT), "--data.prompts_per_rollout", "4")
     dm = cli.datamodule
-    tok = dm.tokenizer
-    assert dm.prompt_format == PromptFormat(**SYSTEM_FMT)
+    tok = dm.pipeline.tokenizer
+    assert dm.settings.prompt_format == PromptFormat(**SYSTEM_FMT)
     assert dm.samples and dm.samples[0][0].startswith("<|im_start|>system\nadd.<|im_end|>\n<|im_start|>user\n")
     problems = dm.task.problems("train", 2)
-    rollout = dm.make_rollout(problems, seed=1)
+    rollout = dm.pipeline.rollout(problems, seed=1, step=cli.trainer.global_step).batch
     P, TP = rollout.prompt_len, rollout.teacher_prompt_len
     for i in range(rollout.num_sequences):
         p = problems[i // dm.group_size]

@@ -121,22 +121,22 @@ def test_next_rollouts_problems_are_prefetched_and_equal():
 
     task = _Recording()
     dm = RolloutDataModule(task=task, prompts_per_rollout=3, group_size=1, micro_batch_size=3)
-    assert dm._train_problems(0) == task.inner.problems("train", 3, 0)  # nothing prefetched: computed now
-    dm._prefetch_problems(3)
-    got = dm._train_problems(3)
+    assert dm.pipeline.problems(0) == task.inner.problems("train", 3, 0)  # nothing prefetched: computed now
+    dm.pipeline.prefetch(3)
+    got = dm.pipeline.problems(3)
     assert got == task.inner.problems("train", 3, 3)
     assert task.calls[-1][0] == 3 and task.calls[-1][1].startswith("rlad_pl-problems")  # ... by the thread
     # a resumed run asks for another offset than the one prefetched: that one is computed, not the stale list
-    dm._prefetch_problems(6)
-    assert dm._train_problems(9) == task.inner.problems("train", 3, 9)
+    dm.pipeline.prefetch(6)
+    assert dm.pipeline.problems(9) == task.inner.problems("train", 3, 9)
     assert task.calls[-1] == (9, "MainThread")
     # the task's error reaches the caller, as if problems() had been called there
     task.fail_at = 12
-    dm._prefetch_problems(12)
+    dm.pipeline.prefetch(12)
     with pytest.raises(ValueError, match="no problems at 12"):
-        dm._train_problems(12)
+        dm.pipeline.problems(12)
     dm.teardown("fit")
-    assert dm._prefetcher is None
+    assert dm.pipeline._prefetcher is None
 
 
 def test_tasks_that_do_not_declare_prefetch_safe_are_not_prefetched():
@@ -145,5 +145,5 @@ def test_tasks_that_do_not_declare_prefetch_safe_are_not_prefetched():
     task = _Recording()
     task.prefetch_safe = False
     dm = RolloutDataModule(task=task, prompts_per_rollout=3, group_size=1, micro_batch_size=3)
-    dm._prefetch_problems(3)
-    assert dm._prefetcher is None and dm._next_problems is None and task.calls == []
+    dm.pipeline.prefetch(3)
+    assert dm.pipeline._prefetcher is None and dm.pipeline._next_problems is None and task.calls == []

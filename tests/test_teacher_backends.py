@@ -55,7 +55,7 @@ def _rollout(tok, n=12, seed=0, privileged=False):
 
 
 def _teacher_logprobs(module, batch):
-    module.annotate_rollouts(batch, need_old=False)
+    module.annotator().annotate(batch, need_old=False)
     return batch.teacher_logprobs
 
 def _vllm_minus_local(student, teacher, temperature: float, n: int, seed: int, label: str) -> float:

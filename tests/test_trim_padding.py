@@ -45,15 +45,15 @@ def test_trim_padding_keeps_real_tokens_and_logprobs():
 
 
 def test_group_by_length_same_step_gradient():
-    """The data module's micro-batches (trimmed, ordered by length) give the untrimmed step's gradient."""
-    from rlad_pl.training.datamodule import RolloutDataModule
+    """The pipeline's micro-batches (trimmed, ordered by length) give the untrimmed step's gradient."""
     from rlad_pl.objectives.base import Denominators, aggregate
+    from rlad_pl.pipeline.steps import make_steps
 
     torch.manual_seed(0)
     model = build_tiny_qwen2(18, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     full = _batch(1)
-    dm = RolloutDataModule(task=None, prompts_per_rollout=7, group_size=1, micro_batch_size=2, group_by_length=True)
-    (step,) = dm.make_steps(full, seed=0)
+    (step,) = make_steps(full, steps_per_rollout=1, ppo_epochs=1, micro_batch_size=2, group_by_length=True,
+                         seed=0)
     assert sum(mb.num_sequences for mb in step.micro_batches) == 7
     denom = Denominators(step.num_tokens, float(step.num_sequences), 16.0)
 
@@ -70,7 +70,7 @@ def test_group_by_length_same_step_gradient():
 
 
 def test_annotate_chunks_trimmed_same_logprobs(tiny_dir):
-    """``annotate_rollouts`` (chunks ordered by length and trimmed) matches one untrimmed forward pass."""
+    """The ``Annotator`` (chunks ordered by length and trimmed) matches one untrimmed forward pass."""
     from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
 
@@ -80,7 +80,7 @@ def test_annotate_chunks_trimmed_same_logprobs(tiny_dir):
                                                                                      [8, 8, 8, 2]], 0)
     n = ids.shape[0]
     rollout = RolloutBatch(ids, mask, P, rmask, torch.zeros(n), torch.zeros(n), torch.arange(n))
-    module.annotate_rollouts(rollout, need_old=True)
+    module.annotator().annotate(rollout, need_old=True)
     with torch.no_grad():
         want, _ = response_logprobs(module.teacher, ids, mask, P)
     m = rmask.bool()

@@ -4,7 +4,7 @@
     python tools/bench_teacher.py --models real --sequences 32 --prompt-len 64 --response-len 128 --repeats 5
 
 For each model two ``DistillationModule``s (a TRRD objective, so the teacher's sampled-token log-probs are the only
-annotation) score one fixed random rollout batch through ``annotate_rollouts``, exactly what a training step runs
+annotation) score one fixed random rollout batch through the ``Annotator``, exactly what a training step runs
 before its updates; the time is the module's own ``timing/teacher_logprobs``. Repetitions interleave the backends
 (local, vllm, local, vllm, ...) so load on a shared machine hits both alike; the vLLM engine's start (once per
 run) is reported separately. Prints per-backend medians, the ratio local / vllm, and the max |vllm - local| over
@@ -83,15 +83,15 @@ def bench(name: str, student: str, teacher: str, args) -> dict:
     tok = modules["local"].tokenizer
     base = random_rollout(tok, args.sequences, args.prompt_len, args.response_len)
     t0 = time.perf_counter()
-    modules["vllm"].annotate_rollouts(random_rollout(tok, 2, 4, 4), need_old=False)  # engine start, warm-up
+    modules["vllm"].annotator().annotate(random_rollout(tok, 2, 4, 4), need_old=False)  # engine start, warm-up
     start = time.perf_counter() - t0
-    modules["local"].annotate_rollouts(random_rollout(tok, 2, 4, 4), need_old=False)
+    modules["local"].annotator().annotate(random_rollout(tok, 2, 4, 4), need_old=False)
     seconds: dict[str, list[float]] = {"local": [], "vllm": []}
     values = {}
     for _ in range(args.repeats):
         for backend, module in modules.items():
             batch = random_rollout(tok, args.sequences, args.prompt_len, args.response_len)
-            stats = module.annotate_rollouts(batch, need_old=False)
+            stats = module.annotator().annotate(batch, need_old=False)
             seconds[backend].append(stats["timing/teacher_logprobs"])
             values[backend] = batch.teacher_logprobs
     modules["vllm"].teacher_backend.close()

@@ -135,7 +135,7 @@ def train(kind: str, work: Path, out_dir: Path) -> dict:
 def evaluate(path: Path) -> dict:
     """Greedy accuracy and Mean@8 / Pass@8 (T=1) per difficulty on the 512 held-out test problems."""
     from rlad_pl.data.chain_sum import ChainSumTask
-    from rlad_pl.training.validate import evaluate_policy
+    from rlad_pl.pipeline.evaluate import evaluate_policy
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     task = ChainSumTask()
@@ -146,7 +146,7 @@ def evaluate(path: Path) -> dict:
 
 
 def model_card(kind: str, facts: dict, ev: dict, threads: int) -> str:
-    from rlad_pl.training.validate import accuracy_table
+    from rlad_pl.pipeline.evaluate import accuracy_table
 
     spec = SPECS[kind]
     a = spec["arch"]

@@ -418,7 +418,7 @@ def eval_models(config: Path, paths: list[Path]) -> str:
 
     import yaml
 
-    from rlad_pl.training.validate import accuracy_table, evaluate_policy
+    from rlad_pl.pipeline.evaluate import accuracy_table, evaluate_policy
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
 
     spec = yaml.safe_load(config.read_text())["data"]["task"]

@@ -105,9 +105,20 @@ class RolloutBatch:
 
 @dataclass
 class StepBatch:
-    """The micro-batches of one optimizer step, with the loss denominators counted over all of them and all ranks."""
+    """The micro-batches of one optimizer step, with the loss denominators counted over all of them and all ranks.
+
+    The pipeline also hands over what the trainer logs and divides by, so the module never reads the data side:
+    ``max_response_len`` (the sampling limit, Dr. GRPO's constant ``L_max``), and on the first step of a rollout
+    batch its statistics (``stats``: ``rollout/*``, ``timing/*``, ``nonfinite/*`` counts) and text ``samples``.
+    """
 
     micro_batches: list[RolloutBatch]
+    max_response_len: Optional[int] = None
+    stats: Optional[dict[str, float]] = None
+    samples: Optional[list[tuple[str, str, float]]] = None
+
+    def to(self, device) -> "StepBatch":
+        return replace(self, micro_batches=[mb.to(device) for mb in self.micro_batches])
 
     @property
     def num_sequences(self) -> int:
@@ -147,3 +158,12 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id
     p_ids, p_mask = pad_rows(prompts, pad_id, "left")
     r_ids, r_mask = pad_rows(responses, pad_id, "right", length=max(1, max((len(r) for r in responses), default=1)))
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1], r_mask.float()
+
+
+def pad_rows_float(rows: list[list[float]], length: int) -> Tensor:
+    """Right-pad float rows (engine log-probs) with zeros into ``[N, length]`` (longer rows are cut)."""
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        r = r[:length]
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out

@@ -3,6 +3,10 @@ naming the field and what was expected, so bad input fails in one line before an
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import math
 from typing import Any, Iterable, Optional
 
@@ -48,3 +52,22 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ConfigError(field, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     return value
+
+
+def check_writable(folder: str | os.PathLike, field: str) -> None:
+    """Raise ``ConfigError(field, ...)`` unless a file can be created in ``folder`` (or, when it does not exist yet,
+    in its nearest existing ancestor, so that nothing is created here). A real probe file, not ``os.access``: root
+    ignores permission bits, and a read-only or full file system only shows on a write."""
+    path = Path(folder).absolute()
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(field, f"cannot create folder {path}: {probe_dir} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".rlad_pl_write_probe_", dir=probe_dir)
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        where = path if probe_dir == path else f"{path} (in {probe_dir})"
+        raise ConfigError(field, f"cannot write to folder {where}: {e.strerror or e}") from None

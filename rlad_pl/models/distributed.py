@@ -18,7 +18,7 @@ Two FSDP2 details the module relies on:
   ``reshard_after_forward=False``: its parameters (embeddings, LM head) stay gathered until backward (trainable) or
   until :func:`reshard` (frozen), so the chunked LM head reads full weights.
 * Every rank must run the same collectives in the same order. ``generate`` stops when the rank's own sequences end,
-  so sampling from a sharded model would desynchronize ranks; :func:`unsharded_copy` gathers the weights (all ranks
+  so sampling from a sharded model would desynchronize ranks; :func:`rlad_pl.models.unsharded.unsharded_copy` gathers the weights (all ranks
   join, bucket by bucket) into a plain rank-local copy that samples without collectives.
 
 Everything here is a no-op or a plain copy for unsharded models, so single-device and DDP runs share the code path.
@@ -216,40 +216,3 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True, bucket_bytes: int
         if keep:
             out.update(bucket)
     return out
-
-
-def unsharded_copy(model: nn.Module, target: Optional[nn.Module] = None, bucket_bytes: int = 256 << 20
-                   ) -> tuple[nn.Module, int]:
-    """A plain (unsharded, rank-local) copy of a sharded Hugging Face model with its current weights.
-
-    ``target`` (a previous copy) is refreshed in place. A collective: every rank must call it. The copy is built on
-    the meta device, materialized, re-tied (``to_empty`` unties) and filled bucket by bucket. Returns ``(copy,
-    bytes gathered)``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from rlad_pl.models.lora import sync_named_weights
-
-    first = next(iter(model.parameters()))
-    device = first.to_local().device if is_dtensor(first) else first.device
-    dtype = first.dtype
-    if target is None:
-        with torch.device("meta"):
-            target = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-        target.to_empty(device=device)
-        target.tie_weights()
-        target.requires_grad_(False)
-        target.eval()
-        tbufs = dict(target.named_buffers())
-        for name, buf in model.named_buffers():  # rotary tables etc. (never sharded)
-            if clean_name(name) in tbufs:
-                tbufs[clean_name(name)].copy_(buf)
-    tparams = dict(target.named_parameters())
-    nbytes = 0
-    with torch.no_grad():
-        # base-model names; a LoRA student's weights merged one tensor at a time (its base for a base view)
-        for bucket in iter_full_tensors(sync_named_weights(model), bucket_bytes):
-            for name, full in bucket:
-                tparams[name].copy_(full)
-                nbytes += full.numel() * full.element_size()
-    return target, nbytes

@@ -1,8 +1,18 @@
-"""The ``Objective`` API and loss aggregation.
+"""The ``Objective`` API and loss aggregation (docs/methods/index.md).
 
-An objective is chosen in YAML by ``class_path``. It declares in ``requires`` which inputs the module must compute
-(only those are computed) and maps a micro-batch plus the student's outputs to ``LossOutput(loss, metrics)``. The
-math lives in pure tensor functions that tests call without a model.
+An objective is chosen in YAML by ``class_path``. It declares, as attributes read once at setup
+(``rlad_pl.objectives.plan``):
+
+* ``inputs``: what its loss needs, computed for it and nothing else (``ADVANTAGES``, ``OLD_LOGPROBS``,
+  ``TEACHER_LOGPROBS``, ``STUDENT_HIDDEN``, ``TEACHER_TOPK`` ...);
+* ``responses``: where the responses it trains on come from: ``"student"`` (on-policy rollouts, the default),
+  ``"teacher"`` (sampled from the frozen teacher) or ``"dataset"`` (the task's reference solutions);
+* ``teacher_prompt``: what the teacher conditions on: ``"same"`` prompt as the student, or ``"privileged"`` (OPSD).
+
+and maps a micro-batch plus the student's outputs to ``LossOutput(loss, metrics)``. The math lives in pure tensor
+functions that tests call without a model. Objectives written against the older single ``requires`` set (inputs and
+``teacher_prefixes`` / ``dataset_prefixes`` / ``privileged_prompt`` markers mixed) keep working: the set is split into
+the two parts once, at setup.
 
 Aggregation (per-token loss l, mask m, sequences i of the whole optimizer step, over every micro-batch and rank):
 
@@ -28,7 +38,7 @@ from rlad_pl.core.errors import ConfigError
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
-# names an objective can put in ``requires``
+# names an objective can put in ``inputs`` (what its loss needs)
 ADVANTAGES = "advantages"  # group-normalized advantages (needs group_size >= 2)
 OLD_LOGPROBS = "old_logprobs"  # pi_old at sampled tokens, computed before the first update
 REF_LOGPROBS = "ref_logprobs"  # frozen reference (initial student) at sampled tokens
@@ -38,12 +48,22 @@ STUDENT_HIDDEN = "student_hidden"  # student final hidden states [N, R, H] (full
 TEACHER_HIDDEN = "teacher_hidden"  # teacher final hidden states [N, R, H] (full-vocabulary losses)
 TEACHER_TOPK = "teacher_topk"  # teacher top-k ids / log-probs + tail per position (rlad_pl.core.topk.TeacherTopK)
 SAMPLER_LOGPROBS = "sampler_logprobs"  # log-probs reported by the inference engine (TIS correction); implies old
-TEACHER_PREFIXES = "teacher_prefixes"  # responses are sampled from the teacher, not the student (off-policy cells)
-PRIVILEGED_PROMPT = "privileged_prompt"  # the teacher scores the response after the privileged prompt (OPSD)
-DATASET_PREFIXES = "dataset_prefixes"  # responses are the task's reference solutions (supervised fine-tuning)
-KNOWN_REQUIREMENTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
-                                TEACHER_HIDDEN, TEACHER_TOPK, SAMPLER_LOGPROBS, TEACHER_PREFIXES,
-                                PRIVILEGED_PROMPT, DATASET_PREFIXES})
+KNOWN_INPUTS = frozenset({ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, TEACHER_LOGPROBS, ENTROPY, STUDENT_HIDDEN,
+                          TEACHER_HIDDEN, TEACHER_TOPK, SAMPLER_LOGPROBS})
+#: the inputs only a teacher can give
+TEACHER_INPUT_NAMES = frozenset({TEACHER_LOGPROBS, TEACHER_HIDDEN, TEACHER_TOPK})
+
+ResponseSource = Literal["student", "teacher", "dataset"]
+TeacherPrompt = Literal["same", "privileged"]
+RESPONSE_SOURCES = ("student", "teacher", "dataset")
+TEACHER_PROMPTS = ("same", "privileged")
+
+# the older API's markers for where responses come from, accepted in a ``requires`` set and split off at setup
+TEACHER_PREFIXES = "teacher_prefixes"  # = responses "teacher"
+PRIVILEGED_PROMPT = "privileged_prompt"  # = teacher_prompt "privileged"
+DATASET_PREFIXES = "dataset_prefixes"  # = responses "dataset"
+SOURCE_MARKERS = frozenset({TEACHER_PREFIXES, PRIVILEGED_PROMPT, DATASET_PREFIXES})
+KNOWN_REQUIREMENTS = KNOWN_INPUTS | SOURCE_MARKERS
 
 
 @dataclass
@@ -120,17 +140,44 @@ class LossOutput:
 
 
 class Objective:
-    """Base class. Subclasses set ``requires`` and implement ``compute``.
+    """Base class. Subclasses declare ``inputs`` / ``responses`` / ``teacher_prompt`` and implement ``compute``.
 
     ``weight`` scales the loss when several objectives are combined; ``name`` prefixes the metrics (default: the
     lower-cased class name). ``loss_agg`` is filled in by the module from its own ``loss_agg`` unless set here.
+    A subclass may set these attributes in ``__init__`` from its arguments (e.g. ``teacher_top_k`` changes
+    ``inputs``); they are read once, when the objectives are planned, and never recomputed.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset()
+    #: what the loss needs (names above); only these are computed
+    inputs: frozenset[str] = frozenset()
+    #: where the responses it trains on come from
+    responses: ResponseSource = "student"
+    #: what the teacher conditions on: the student's prompt, or the task's privileged prompt (OPSD)
+    teacher_prompt: TeacherPrompt = "same"
     #: needs groups of >= 2 responses per prompt (group-normalized advantages)
     needs_groups: ClassVar[bool] = False
-    #: needs a teacher model
+    #: needs a teacher model (also implied by teacher inputs, teacher responses or a privileged teacher prompt)
     needs_teacher: ClassVar[bool] = False
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The older single set: ``inputs`` plus a marker for a non-default response source / teacher prompt."""
+        markers = {"teacher": {TEACHER_PREFIXES}, "dataset": {DATASET_PREFIXES}}.get(self.responses, set())
+        if self.teacher_prompt == "privileged":
+            markers = markers | {PRIVILEGED_PROMPT}
+        return frozenset(self.inputs) | markers
+
+    @requires.setter
+    def requires(self, value) -> None:
+        """``self.requires = ...`` in an objective written against the older API: split into the two parts."""
+        value = frozenset(value)
+        self.inputs = value - SOURCE_MARKERS
+        if TEACHER_PREFIXES in value:
+            self.responses = "teacher"
+        elif DATASET_PREFIXES in value:
+            self.responses = "dataset"
+        if PRIVILEGED_PROMPT in value:
+            self.teacher_prompt = "privileged"
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None):
         from rlad_pl.core.validation import check_choice, check_float

@@ -99,14 +99,14 @@ class GRPO(TokenObjective):
         ref_kl_estimator: ``k1``, ``k2`` or ``k3`` (``low_var_kl``).
         tis_cap: truncated importance sampling against the inference engine's log-probs (None: off). Each token's
             surrogate is multiplied by the detached ``min(pi_old / pi_sampler, tis_cap)``; adds ``sampler_logprobs``
-            to ``requires``. When the engine reports no log-probs (``batch.sampler_logprobs is None``) the weight is 1
+            to ``inputs``. When the engine reports no log-probs (``batch.sampler_logprobs is None``) the weight is 1
             and ``tis_active`` logs 0.
 
     Metrics: ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``ratio_max``, ``ref_kl``, ``tis_clip_frac``,
     ``tis_weight_mean``, ``tis_active``, ``advantage_abs_mean``.
     """
 
-    requires = frozenset({ADVANTAGES, OLD_LOGPROBS})
+    inputs = frozenset({ADVANTAGES, OLD_LOGPROBS})
     needs_groups = True
 
     def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, ref_kl_coef: float = 0.0,
@@ -128,9 +128,9 @@ class GRPO(TokenObjective):
         self.ref_kl_coef, self.ref_kl_estimator = ref_kl_coef, ref_kl_estimator
         self.tis_cap = tis_cap
         if ref_kl_coef > 0:
-            self.requires = self.requires | {REF_LOGPROBS}
+            self.inputs = self.inputs | {REF_LOGPROBS}
         if tis_cap is not None:
-            self.requires = self.requires | {SAMPLER_LOGPROBS}
+            self.inputs = self.inputs | {SAMPLER_LOGPROBS}
 
     def log_ratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """log of the importance ratio; GRPO: ``l_S - l_old``. TRRD overrides this."""

@@ -70,7 +70,7 @@ class KDRL(GRPO):
         self.kd_coef_end, self.kd_anneal_steps = kd_coef_end, kd_anneal_steps
         self.needs_teacher = self.kd_coef > 0 or bool(kd_coef_end)
         if self.needs_teacher:
-            self.requires = self.requires | {TEACHER_LOGPROBS}
+            self.inputs = self.inputs | {TEACHER_LOGPROBS}
 
     def coef_at(self, step: int) -> float:
         """``kd_coef + (kd_coef_end - kd_coef) * min(step / kd_anneal_steps, 1)`` (constant without a schedule)."""

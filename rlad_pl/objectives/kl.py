@@ -29,7 +29,7 @@ from rlad_pl.core.divergences import (chunked_divergence, clipped_forward_kl_lp,
                                  generalized_jsd_lp, reverse_kl_lp, skew_forward_kl_lp, skew_reverse_kl_lp,
                                  student_logprobs, teacher_logprobs)
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives.base import (DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES,
+from rlad_pl.objectives.base import (STUDENT_HIDDEN, TEACHER_HIDDEN,
                                      TEACHER_TOPK, StudentOutputs, TokenObjective, masked_mean)
 from rlad_pl.core.topk import check_top_k_value, chunked_topk_divergence, student_buckets
 
@@ -53,11 +53,11 @@ class TokenKL(TokenObjective):
         clip_kappa: per-entry upper clip of ``clipped_forward`` (ReNIO release 0.05); null: no upper clip.
         clip_lower: per-entry lower clip of ``clipped_forward`` (release 0); null: no lower clip.
         prefix_source: ``student`` (on-policy rollouts) or ``teacher`` (the data module samples the responses from
-            the teacher; adds ``teacher_prefixes`` to ``requires``) or ``dataset`` (the task's reference solutions,
+            the teacher; sets ``responses: teacher``) or ``dataset`` (the task's reference solutions,
             outside the 2x2; adds ``dataset_prefixes``).
         teacher_top_k: null (default): the exact full-vocabulary divergence from the teacher's hidden states
-            (``requires teacher_hidden``). An integer k: ``D`` over k + 1 buckets, the teacher's top-k tokens per
-            position plus one tail bucket for its remaining mass (``requires teacher_topk``, which every teacher
+            (input ``teacher_hidden``). An integer k: ``D`` over k + 1 buckets, the teacher's top-k tokens per
+            position plus one tail bucket for its remaining mass (input ``teacher_topk``, which every teacher
             backend provides, vLLM / server included; ``rlad_pl.core.topk``); k = vocabulary size is the exact value.
         chunk_size: response positions per LM-head chunk (peak memory ~ ``chunk_size * V * 4 bytes * a few``).
         log_stats: also log the token-mean FKL, RKL and student entropy (a few extra elementwise ops per chunk).
@@ -67,7 +67,7 @@ class TokenKL(TokenObjective):
     ``rkl`` are over the buckets and ``entropy`` is the student's full-vocabulary entropy.
     """
 
-    requires = frozenset({STUDENT_HIDDEN, TEACHER_HIDDEN})
+    inputs = frozenset({STUDENT_HIDDEN, TEACHER_HIDDEN})
     needs_teacher = True
 
     def __init__(self, divergence: Divergence = "forward", kl_mix_lambda: float = 0.25, jsd_beta: float = 0.5,
@@ -79,7 +79,7 @@ class TokenKL(TokenObjective):
         n = self.name
         self.teacher_top_k = check_top_k_value(f"{n}.teacher_top_k", teacher_top_k)
         if self.teacher_top_k is not None:
-            self.requires = frozenset({STUDENT_HIDDEN, TEACHER_TOPK})
+            self.inputs = frozenset({STUDENT_HIDDEN, TEACHER_TOPK})
         if divergence not in DIVERGENCES:
             raise ConfigError(f"{n}.divergence", f"expected one of {', '.join(DIVERGENCES)}, got '{divergence}'")
         for key, value in (("kl_mix_lambda", kl_mix_lambda), ("jsd_beta", jsd_beta)):
@@ -99,10 +99,7 @@ class TokenKL(TokenObjective):
         self.divergence, self.kl_mix_lambda, self.jsd_beta = divergence, float(kl_mix_lambda), float(jsd_beta)
         self.skew_alpha, self.clip_kappa, self.clip_lower = float(skew_alpha), clip_kappa, clip_lower
         self.prefix_source, self.chunk_size, self.log_stats = prefix_source, chunk_size, log_stats
-        if prefix_source == "teacher":
-            self.requires = self.requires | {TEACHER_PREFIXES}
-        elif prefix_source == "dataset":
-            self.requires = self.requires | {DATASET_PREFIXES}
+        self.responses = prefix_source
 
     def divergence_lp(self, logq: Tensor, logp: Tensor) -> Tensor:
         """``D`` from student / teacher log-probs ``[..., V]`` -> ``[...]``."""
@@ -150,7 +147,7 @@ class TokenKL(TokenObjective):
         """``per_token`` from the teacher's top-k (``teacher_top_k`` set)."""
         if out.hidden is None or out.lm_head is None or out.teacher_topk is None:
             raise ValueError(f"{self.name}: needs the student hidden states, LM head and the teacher's top-k "
-                             "(requires student_hidden and teacher_topk)")
+                             "(inputs student_hidden and teacher_topk)")
         topk = out.teacher_topk
         if topk.k < self.teacher_top_k:
             raise ValueError(f"{self.name}: teacher_topk has k = {topk.k}, this objective asks for "
@@ -174,7 +171,7 @@ class TokenKL(TokenObjective):
             return self.per_token_topk(batch, out)
         if out.hidden is None or out.lm_head is None or out.teacher_hidden is None or out.teacher_lm_head is None:
             raise ValueError(f"{self.name}: needs the student and teacher hidden states and LM heads "
-                             "(requires student_hidden and teacher_hidden)")
+                             "(inputs student_hidden and teacher_hidden)")
         mask = batch.response_mask
         res = chunked_divergence(out.hidden, out.lm_head.weight, out.teacher_hidden, out.teacher_lm_head.weight,
                                  self.chunk_fn, chunk_size=self.chunk_size, vocab_size=out.vocab_size,

@@ -51,14 +51,14 @@ class OPDSampled(TokenObjective):
 
     Args:
         importance_ratio: ``none`` (on-policy, default), ``old`` (pi_old snapshot) or ``sampler`` (inference engine's
-            log-probs; adds ``sampler_logprobs`` to ``requires``).
+            log-probs; adds ``sampler_logprobs`` to ``inputs``).
         ratio_cap: upper cap on the importance ratio (null: none).
 
     Metrics: ``reverse_kl_sampled`` (mean ``l_S - l_T``, k1 estimate of KL(q || p)), ``teacher_logprob_mean``,
     ``ratio_mean`` (with an importance ratio).
     """
 
-    requires = frozenset({TEACHER_LOGPROBS})
+    inputs = frozenset({TEACHER_LOGPROBS})
     needs_teacher = True
 
     def __init__(self, importance_ratio: ImportanceRatio = "none", ratio_cap: Optional[float] = None,
@@ -71,9 +71,9 @@ class OPDSampled(TokenObjective):
             raise ConfigError(f"{self.name}.ratio_cap", f"expected a positive cap or null, got {ratio_cap}")
         self.importance_ratio, self.ratio_cap = importance_ratio, ratio_cap
         if importance_ratio == "old":
-            self.requires = self.requires | {OLD_LOGPROBS}
+            self.inputs = self.inputs | {OLD_LOGPROBS}
         elif importance_ratio == "sampler":
-            self.requires = self.requires | {SAMPLER_LOGPROBS}
+            self.inputs = self.inputs | {SAMPLER_LOGPROBS}
 
     def behaviour_log_ratio(self, batch: RolloutBatch, logp: Tensor) -> Optional[Tensor]:
         """``l_S - l_b`` for the configured behaviour policy (None: on-policy)."""
@@ -87,7 +87,7 @@ class OPDSampled(TokenObjective):
 
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.teacher_logprobs is None:
-            raise ValueError(f"{self.name}: batch.teacher_logprobs is missing (requires teacher_logprobs)")
+            raise ValueError(f"{self.name}: batch.teacher_logprobs is missing (input teacher_logprobs)")
         mask, logp = batch.response_mask, out.logprobs
         teacher = sanitize_logprobs(batch.teacher_logprobs)
         values, ratio = opd_sampled_per_token(logp, teacher, self.behaviour_log_ratio(batch, logp), self.ratio_cap)

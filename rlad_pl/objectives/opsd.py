@@ -4,7 +4,7 @@
     loss = agg(v)          (the release: per-sample token mean, then sample mean -> ``loss_agg: seq_mean_token_mean``)
 
 The teacher scores the student's own responses after the privileged prompt ``x'`` (problem + reference solution):
-``requires`` adds ``privileged_prompt`` so the data module builds the teacher layout. In OPSD the teacher is the
+``teacher_prompt`` is ``privileged`` so the pipeline builds the teacher layout. In OPSD the teacher is the
 student's initial weights: point ``model.teacher`` at the student checkpoint. No new loss: this is
 ``TokenKL(divergence="clipped_forward")``; wrap it in ``ReNIO`` for the sample weights.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rlad_pl.objectives.base import PRIVILEGED_PROMPT
 from rlad_pl.objectives.kl import TokenKL
 
 
@@ -35,4 +34,4 @@ class OPSD(TokenKL):
         super().__init__("clipped_forward", clip_kappa=clip_kappa, clip_lower=clip_lower, prefix_source="student",
                          chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
                          teacher_top_k=teacher_top_k)
-        self.requires = self.requires | {PRIVILEGED_PROMPT}
+        self.teacher_prompt = "privileged"

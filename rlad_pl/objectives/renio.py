@@ -22,6 +22,7 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.objectives.plan import declared
 from rlad_pl.objectives.base import (TEACHER_LOGPROBS, Denominators, LossOutput, Objective, StudentOutputs,
                                      TokenObjective, per_sample_token_mean, sanitize_logprobs)
 
@@ -108,14 +109,16 @@ class ReNIO(Objective):
             raise ConfigError(f"{n}.weight_cap", f"expected a positive cap or null, got {weight_cap}")
         self.inner, self.tau, self.c = inner, float(tau), float(c)
         self.weight_temperature, self.weight_norm, self.weight_cap = float(weight_temperature), weight_norm, weight_cap
-        self.requires = frozenset(inner.requires) | {TEACHER_LOGPROBS}
+        inner_decl = declared(inner, f"{n}.inner")  # the inner objective may use the older ``requires`` set
+        self.inputs = inner_decl.inputs | {TEACHER_LOGPROBS}
+        self.responses, self.teacher_prompt = inner_decl.responses, inner_decl.teacher_prompt
         self.needs_teacher = True
         self.needs_groups = inner.needs_groups
 
     def sample_weights(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Detached ``w [N]`` of this micro-batch and the weight metrics."""
         if batch.teacher_logprobs is None:
-            raise ValueError(f"{self.name}: batch.teacher_logprobs is missing (requires teacher_logprobs)")
+            raise ValueError(f"{self.name}: batch.teacher_logprobs is missing (input teacher_logprobs)")
         mask = batch.response_mask
         with torch.no_grad():
             d = logp.detach() - sanitize_logprobs(batch.teacher_logprobs)

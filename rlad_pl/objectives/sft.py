@@ -21,7 +21,7 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives.base import DATASET_PREFIXES, TEACHER_PREFIXES, StudentOutputs, TokenObjective, masked_mean
+from rlad_pl.objectives.base import StudentOutputs, TokenObjective, masked_mean
 
 
 def rejection_weights(rewards: Tensor, min_reward: Optional[float]) -> Tensor:
@@ -35,8 +35,8 @@ class SFT(TokenObjective):
     """Negative log-likelihood of the response tokens: ``v_t = -g_i l_S(y_t)``, ``g_i = 1[r_i >= min_reward]``.
 
     Args:
-        prefix_source: ``teacher`` (default; offline distillation on teacher traces, adds ``teacher_prefixes`` to
-            ``requires`` and needs ``model.teacher``), ``dataset`` (reference solutions, adds ``dataset_prefixes``)
+        prefix_source: ``teacher`` (default; offline distillation on teacher traces, sets ``responses: teacher`` and
+            needs ``model.teacher``), ``dataset`` (reference solutions)
             or ``student``.
         min_reward: keep only responses with ``reward >= min_reward`` (null: keep all).
 
@@ -52,8 +52,7 @@ class SFT(TokenObjective):
                               f"expected 'teacher', 'dataset' or 'student', got '{prefix_source}'")
         self.prefix_source, self.min_reward = prefix_source, min_reward
         self.needs_teacher = prefix_source == "teacher"
-        self.requires = frozenset({TEACHER_PREFIXES} if prefix_source == "teacher" else
-                                  {DATASET_PREFIXES} if prefix_source == "dataset" else ())
+        self.responses = prefix_source
 
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         keep = rejection_weights(batch.rewards, self.min_reward).to(out.logprobs.dtype)

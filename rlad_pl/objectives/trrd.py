@@ -87,7 +87,7 @@ class TRRD(GRPO):
         self.alpha, self.teacher_clamp, self.teacher_clamp_grad = float(alpha), teacher_clamp, teacher_clamp_grad
         self.needs_teacher = self.alpha < 1.0
         if self.needs_teacher:
-            self.requires = self.requires | {TEACHER_LOGPROBS}
+            self.inputs = self.inputs | {TEACHER_LOGPROBS}
 
     def log_ratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         old = old_logprobs_of(batch, logp)

@@ -43,7 +43,8 @@ class HFSampler(Sampler):
         self.model = model
 
     def sync_weights(self, model) -> dict[str, float]:
-        from rlad_pl.models.distributed import is_sharded, unsharded_copy
+        from rlad_pl.models.distributed import is_sharded
+        from rlad_pl.models.unsharded import unsharded_copy
 
         if is_sharded(model):
             self._copy, nbytes = unsharded_copy(model, self._copy)

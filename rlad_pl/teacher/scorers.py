@@ -74,8 +74,10 @@ class TeacherScorer:
     #: the largest teacher_top_k the objectives ask for (set by ``check``; an engine sizes its top-k limit by it)
     top_k: Optional[int] = None
 
-    def check(self, requires: frozenset[str], objective_names: list[str], top_k: Optional[int] = None) -> None:
-        """Refuse inputs this backend cannot provide, naming the objectives that want them."""
+    def check(self, requires: frozenset[str], objective_names: list[str], top_k: Optional[int] = None,
+              responses: str = "student") -> None:
+        """Refuse inputs this backend cannot provide (``requires``: the objectives' planned inputs), and teacher
+        responses from a teacher outside the trainer, naming the objectives that want them."""
         missing = (requires & TEACHER_INPUTS) - self.provides
         if missing:
             hint = (" (or set the objective's teacher_top_k: a top-k teacher distribution)"
@@ -84,7 +86,7 @@ class TeacherScorer:
                               f"{type(self).__name__} cannot provide (it gives {sorted(self.provides)}); use "
                               f"rlad_pl.teacher.LocalTeacher{hint}")
         self.top_k = top_k
-        if TEACHER_PREFIXES in requires and not self.in_trainer:
+        if (responses == "teacher" or TEACHER_PREFIXES in requires) and not self.in_trainer:
             raise ConfigError(FIELD, f"{', '.join(objective_names)} samples responses from the teacher, which needs "
                               "the teacher in the trainer; use rlad_pl.teacher.LocalTeacher")
 

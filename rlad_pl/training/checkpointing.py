@@ -34,30 +34,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_writable  # noqa: F401  (re-exported)
 
 INTERRUPTED_NAME = "interrupted"
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
-def check_writable(folder: str | os.PathLike, field: str) -> None:
-    """Raise ``ConfigError(field, ...)`` unless a file can be created in ``folder`` (or, when it does not exist yet,
-    in its nearest existing ancestor, so that nothing is created here). A real probe file, not ``os.access``: root
-    ignores permission bits, and a read-only or full file system only shows on a write."""
-    path = Path(folder).absolute()
-    probe_dir = path
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise ConfigError(field, f"cannot create folder {path}: {probe_dir} is not a folder")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".rlad_pl_write_probe_", dir=probe_dir)
-        os.close(fd)
-        os.remove(name)
-    except OSError as e:
-        where = path if probe_dir == path else f"{path} (in {probe_dir})"
-        raise ConfigError(field, f"cannot write to folder {where}: {e.strerror or e}") from None
-
-
 def _fsync(path: str) -> None:
     """fsync a file, or every file of a folder tree (a sharded checkpoint), then the folder entries."""
     paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]

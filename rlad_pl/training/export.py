@@ -15,8 +15,8 @@ from typing import Optional
 
 import lightning as L
 
-from rlad_pl.training.checkpointing import check_writable
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_writable
 from rlad_pl.models.distributed import full_state_dict  # noqa: F401  (re-exported: the gather used by the export)
 
 

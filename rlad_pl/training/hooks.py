@@ -1,9 +1,9 @@
 """``EvaluationHooks``: what ``DistillationModule`` logs besides the loss, as ``LightningModule`` hooks (a mixin).
 
-* validation / test: the data module samples ``val_k`` responses per held-out problem (``dm.evaluate``) and
-  ``MeanPassAtK`` reports ``<prefix>/<bucket>/mean@n`` and ``pass@k`` plus ``<prefix>/response_length_mean``;
-* training: one step's scalars, each combined across ranks the way it adds up (``cross_rank_ops``), and the
-  rollout samples of the first step of a rollout batch as TensorBoard text.
+* validation / test: each batch is ``val_k`` scored responses per held-out problem (``EvalResult``, sampled by the
+  rollout pipeline) and ``MeanPassAtK`` reports ``<prefix>/<bucket>/mean@n`` and ``pass@k`` plus ``<prefix>/response_length_mean``;
+* training: one step's scalars, each combined across ranks the way it adds up (``cross_rank_ops``), and on the first
+  step of a rollout batch the statistics and text samples that the step carries (``StepBatch.stats`` / ``samples``).
 """
 
 from __future__ import annotations
@@ -34,33 +34,27 @@ def cross_rank_ops(logs: dict) -> dict[str, list[str]]:
 
 class EvaluationHooks:
     """Mixin of ``DistillationModule`` (listed before ``LightningModule``): validation / test steps and logging.
-    The module sets ``val_metric`` (None until ``setup`` finds a data module with difficulty buckets)."""
+    The module sets ``val_metric`` (None until ``configure_rollouts`` gets the task's difficulty buckets)."""
 
     val_metric: Optional[MeanPassAtK]
     _eval_lengths: list[Tensor]
 
-    def _setup_eval(self, dm, stage: str) -> None:
-        """One ``MeanPassAtK`` over the data module's difficulty buckets of the split this stage evaluates."""
-        if hasattr(dm, "buckets"):
-            self.val_metric = MeanPassAtK(dm.val_k, dm.pass_k, dm.buckets("val" if stage != "test" else "test"))
-
-    def _log_train(self, logs: dict[str, Tensor], batch_idx: int) -> None:
+    def _log_train(self, logs: dict[str, Tensor], step) -> None:
         """One training step's scalars (``on_step``); the first step of a rollout batch adds the rollout's
         statistics, its samples and the progress-bar ``reward``."""
-        if batch_idx == 0 and self._has_dm():
-            logs.update({k: torch.tensor(float(v)) for k, v in self.trainer.datamodule.rollout_stats.items()})
-            self._log_samples()
+        if step.stats is not None:
+            logs.update({k: torch.tensor(float(v)) for k, v in step.stats.items()})
+            self._log_samples(step.samples)
         for op, keys in cross_rank_ops(logs).items():  # partial sums add up across ranks, maxima take the max
             self.log_dict({k: logs[k].to(self.device) for k in keys}, on_step=True, on_epoch=False, prog_bar=False,
                           sync_dist=self.trainer.world_size > 1, reduce_fx=op)
-        if batch_idx == 0 and "rollout/reward_mean" in logs:
+        if step.stats is not None and "rollout/reward_mean" in logs:
             self.log("reward", logs["rollout/reward_mean"].to(self.device), prog_bar=True, on_step=True,
                      on_epoch=False, sync_dist=self.trainer.world_size > 1)
 
-    def _log_samples(self) -> None:
+    def _log_samples(self, samples) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        samples = self.trainer.datamodule.samples
         if not samples or self.global_rank != 0:
             return
         for logger in self.loggers:
@@ -69,27 +63,24 @@ class EvaluationHooks:
                                    for p, c, r in samples)
                 logger.experiment.add_text("rollouts/samples", text, self.global_step)
 
-    def _eval_step(self, problems) -> None:
-        dm = self.trainer.datamodule
-        res = dm.evaluate(problems)
-        correct = res.scores >= dm.correct_threshold
+    def _eval_step(self, res) -> None:
         idx = torch.tensor([self.val_metric.bucket_index(d) for d in res.difficulties], dtype=torch.long)
-        self.val_metric.update(correct.to(self.device), idx.to(self.device))
+        self.val_metric.update(res.correct.to(self.device), idx.to(self.device))
         self._eval_lengths.append(res.lengths.mean())
 
     def on_validation_epoch_start(self) -> None:
         self._eval_lengths = []
 
-    def validation_step(self, problems, batch_idx: int) -> None:
-        self._eval_step(problems)
+    def validation_step(self, res, batch_idx: int) -> None:
+        self._eval_step(res)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def test_step(self, problems, batch_idx: int) -> None:
-        self._eval_step(problems)
+    def test_step(self, res, batch_idx: int) -> None:
+        self._eval_step(res)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")

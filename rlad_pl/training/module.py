@@ -1,7 +1,7 @@
 """``DistillationModule``: the trainable student, an optional frozen teacher (and reference), and the objectives.
 
-The module computes only what the configured objectives declare in ``requires``. Optimization is manual so that
-the loss denominators can span the whole optimizer step: every micro-batch contributes
+The module computes only the inputs the objectives' plan declares (``rlad_pl.objectives.plan``). Optimization is
+manual so that the loss denominators can span the whole optimizer step: every micro-batch contributes
 ``sum(loss terms) / step_denominator`` and its backward is scaled by the world size, which cancels the gradient
 averaging of DDP / FSDP. The result does not depend on how a step is split into micro-batches or ranks.
 """
@@ -20,23 +20,22 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch, StepBatch
+from rlad_pl.core.logprobs import chunked_token_logprobs, response_hidden
+from rlad_pl.core.metrics import MeanPassAtK
+from rlad_pl.core.topk import check_top_k_vocab
+from rlad_pl.models.compiled import check_compile
+from rlad_pl.models.distributed import root_call
+from rlad_pl.objectives.base import (ENTROPY, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_TOPK, AggMode, Denominators,
+                                     Objective, StudentOutputs)
+from rlad_pl.objectives.plan import check_objectives, plan_objectives
+from rlad_pl.pipeline import Annotator, Policy, RolloutSettings
+from rlad_pl.teacher import TeacherScorer
 from rlad_pl.training.checkpointing import defer_sigint
-from rlad_pl.models.compiled import check_compile, compile_backbone
-from rlad_pl.models.distributed import reshard, root_call
-from rlad_pl.core.errors import ConfigError
 from rlad_pl.training.hooks import EvaluationHooks
-from rlad_pl.training.module_checks import check_groups, check_objectives, check_optimizer, check_settings
-from rlad_pl.training.step_guard import StepGuard
+from rlad_pl.training.models import load_models
+from rlad_pl.training.module_checks import check_groups, check_optimizer, check_settings
 from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
-from rlad_pl.core.logprobs import chunked_token_logprobs, response_hidden, response_logprobs
-from rlad_pl.rollout.mismatch import logprob_mismatch
-from rlad_pl.teacher import LocalTeacher, TeacherScorer
-from rlad_pl.core.topk import check_top_k_vocab, requested_top_k
-from rlad_pl.models.loading import (check_tokenizers_match, load_causal_lm, load_tokenizer, resolve_model_and_tokenizer,
-                            shared_vocab_size, warn_remote_code)
-from rlad_pl.objectives.base import (ENTROPY, LOGPROB_FLOOR, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS,
-                                     STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_LOGPROBS, TEACHER_TOPK, AggMode,
-                                     Denominators, Objective, StudentOutputs)
+from rlad_pl.training.step_guard import StepGuard
 
 
 def _default_optimizer(params):
@@ -44,7 +43,11 @@ def _default_optimizer(params):
 
 
 class DistillationModule(EvaluationHooks, L.LightningModule):
-    """Student + frozen teacher + objectives.
+    """Student + frozen teacher + objectives: the models, the loss and the optimization.
+
+    The module never reads the data module: the ``RolloutLink`` callback hands it the rollout settings
+    (``configure_rollouts``) and gives the pipeline its models (``policy``); the optimizer steps arrive as
+    ``StepBatch``es that carry their rollout's statistics.
 
     Args:
         student: the trainable student: a local ``save_pretrained`` folder or a hub id ``org/name[@revision]``
@@ -107,7 +110,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.step_guard = StepGuard(max_consecutive_skipped_steps)
         self.strict_loading = False  # frozen teacher / reference weights are not saved in checkpoints
         self.objectives = check_objectives(objectives, loss_agg)
-        self.requires = frozenset().union(*(o.requires for o in self.objectives))
+        self.plan = plan_objectives(self.objectives)  # what to compute and where responses come from, once
         check_settings(grad_clip, temperature, logprob_chunk_size, annotate_batch_size, fsdp_mixed_precision)
         check_optimizer(optimizer, lr_scheduler)  # the factories run only in configure_optimizers: probe them now
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -115,59 +118,19 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self._temperature_from_data = temperature is None
         self.chunk_size, self.annotate_batch_size = logprob_chunk_size, annotate_batch_size
         self.log_entropy, self.log_sampler_mismatch = log_entropy, log_sampler_mismatch
-
-        needs_teacher = bool(self.requires & {TEACHER_LOGPROBS, TEACHER_HIDDEN}) or any(
-            o.needs_teacher for o in self.objectives)
-        if needs_teacher and teacher is None:
-            names = [type(o).__name__ for o in self.objectives if o.needs_teacher or o.requires & {
-                TEACHER_LOGPROBS, TEACHER_HIDDEN}]
-            raise ConfigError("model.teacher", f"{', '.join(names)} needs a teacher model path")
-        if teacher_backend is not None and not isinstance(teacher_backend, TeacherScorer):
-            raise ConfigError("model.teacher_backend", f"expected an rlad_pl.teacher.TeacherScorer, got "
-                              f"{type(teacher_backend).__name__}")
-        self.teacher_backend = teacher_backend if teacher_backend is not None else LocalTeacher()
-        if needs_teacher:  # what the objectives declare, against what the backend can compute: before any load
-            self.teacher_backend.check(self.requires, [type(o).__name__ for o in self.objectives],
-                                       top_k=requested_top_k(self.objectives))
-        # every name is checked (folder / hub cache / revision / config / weight headers) before any model loads
-        hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
-        student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
-                                                           student_revision, tokenizer_revision, **hub)
-        teacher_src = t_tok_src = None
-        if needs_teacher:
-            teacher_src, t_tok_src = resolve_model_and_tokenizer(teacher, "model.teacher", teacher_tokenizer,
-                                                                 "model.teacher_tokenizer", teacher_revision, **hub)
-        #: names of exactly the files loaded (``org/name@<commit>`` for hub ids), e.g. for the teacher cache
-        self.model_tags = {"student": student_src.tag, "teacher": teacher_src.tag if teacher_src else None}
-        warn_remote_code(student_src, tok_src, teacher_src, t_tok_src)
-        self.tokenizer = load_tokenizer(tok_src)
-        self.student = load_causal_lm(student_src, "model.student", dtype)
-        self.student.train()  # from_pretrained returns eval mode
-        self.lora = None
-        if lora is not None:  # in place: self.student stays the Hugging Face model, only adapters require grad
-            from rlad_pl.models.lora import apply_lora
-
-            self.lora = apply_lora(self.student, lora, "model.lora")
-        if gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
-        self.teacher = None  # the teacher's torch model when it runs in the trainer (LocalTeacher), else None
-        if needs_teacher:
-            check_tokenizers_match(self.tokenizer, load_tokenizer(t_tok_src), "model.teacher")
-            self.teacher = self.teacher_backend.load(teacher_src, teacher_dtype or dtype, student_source=student_src,
-                                                     student_dtype=dtype, lora=self.lora)
-        self.reference = None
-        if REF_LOGPROBS in self.requires:
-            self.reference = (self.lora.base_view() if self.lora is not None else
-                              load_causal_lm(student_src, "model.student", dtype, trainable=False))
-        frozen = [m for m in (self.teacher, self.reference) if m is not None]
+        m = load_models(self.plan, student=student, teacher=teacher, tokenizer=tokenizer,
+                        teacher_tokenizer=teacher_tokenizer, student_revision=student_revision,
+                        teacher_revision=teacher_revision, tokenizer_revision=tokenizer_revision, cache_dir=cache_dir,
+                        trust_remote_code=trust_remote_code, dtype=dtype, teacher_dtype=teacher_dtype, lora=lora,
+                        gradient_checkpointing=gradient_checkpointing, compile=compile,
+                        teacher_backend=teacher_backend)
+        self.tokenizer, self.student, self.lora = m.tokenizer, m.student, m.lora
+        self.teacher_backend, self.teacher, self.reference = m.teacher_backend, m.teacher, m.reference
+        self.model_tags, self.vocab_size = m.tags, m.vocab_size
         self.compiled = bool(compile)  # (not ``self.compile``: that is nn.Module.compile)
-        if self.compiled:  # a side table of compiled backbones: modules and state dicts stay as they are
-            for m in (self.student, *frozen):
-                compile_backbone(m)
-        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, *frozen)
         check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
-        self.val_metric = None  # EvaluationHooks: set in setup
+        self.val_metric: Optional[MeanPassAtK] = None  # set by configure_rollouts when the task has buckets
         self.fsdp_mixed_precision = fsdp_mixed_precision
         # checkpoints hold the student only (also sharded checkpoints, whose keys come from ``state_dict()``)
         self.register_state_dict_post_hook(drop_frozen_keys)
@@ -175,6 +138,38 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             from rlad_pl.models.lora import drop_frozen_student_keys
 
             self.register_state_dict_post_hook(drop_frozen_student_keys)
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The inputs the objectives' plan asks for (``self.plan.inputs``)."""
+        return self.plan.inputs
+
+    # ------------------------------------------------------------------------------------------ the link
+    def configure_rollouts(self, settings: RolloutSettings, pass_k: list[int], buckets: Optional[list[str]]) -> None:
+        """The data side's settings, handed over once before ``setup`` (``RolloutLink``): group objectives are
+        checked against the group size and sampling, ``model.temperature`` defaults to the sampling temperature,
+        and the validation metric covers the task's difficulty buckets."""
+        check_groups(list(self.plan.group_users), settings.group_size, settings.sampling)
+        if self._temperature_from_data and settings.sampling.temperature > 0:
+            self.temperature = float(settings.sampling.temperature)
+        if buckets is not None:
+            self.val_metric = MeanPassAtK(settings.val_k, pass_k, buckets)
+
+    def annotator(self) -> Annotator:
+        """The frozen-model passes over a fresh rollout batch, with this module's models and settings."""
+        return Annotator(self.student, self.plan.inputs, teacher=self.teacher_backend, reference=self.reference,
+                         temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                         batch_size=self.annotate_batch_size, log_sampler_mismatch=self.log_sampler_mismatch)
+
+    def policy(self) -> Policy:
+        """What the rollout pipeline samples from and scores with."""
+        return Policy(self.student, self.tokenizer, self.annotator(), self.plan, teacher=self.teacher,
+                      teacher_tag=self.model_tags["teacher"])
+
+    def configure_callbacks(self):
+        from rlad_pl.training.link import RolloutLink
+
+        return [RolloutLink()]
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (each transformer block, then
@@ -191,16 +186,8 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
-        check_groups(self.objectives, dm)
-        if self.compiled:
+        if self.compiled and self._trainer is not None:
             check_compile(self.trainer.strategy.root_device, type(self.trainer.strategy).__name__)
-        sampling = getattr(dm, "sampling", None)
-        if self._temperature_from_data and sampling is not None and sampling.temperature > 0:
-            self.temperature = float(sampling.temperature)
-        self._setup_eval(dm, stage)
 
     def teardown(self, stage: str) -> None:
         self.teacher_backend.close()  # an engine-backed teacher frees its engine (a later scoring restarts it)
@@ -226,74 +213,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
                 m.eval()
         return self
 
-    # ------------------------------------------------------------------------------------------ forward passes
-    def _logprobs(self, model, batch: RolloutBatch) -> Tensor:
-        logp, _ = root_call(model, response_logprobs, model, batch.input_ids, batch.attention_mask,
-                            batch.prompt_len, temperature=self.temperature, chunk_size=self.chunk_size,
-                            vocab_size=self.vocab_size)
-        return logp
-
-    def _teacher_logprobs(self, batch: RolloutBatch) -> Tensor:
-        return self.teacher_backend.token_logprobs(batch, temperature=self.temperature, chunk_size=self.chunk_size,
-                                                   vocab_size=self.vocab_size)
-
-    def _sanitize(self, logp: Tensor, mask: Tensor, name: str) -> Tensor:
-        bad = ~torch.isfinite(logp)
-        n_bad = (bad & (mask > 0)).sum().item()
-        if n_bad:
-            self.counters[f"nonfinite/{name}_logprobs"] += n_bad
-        return torch.where(bad, torch.full_like(logp, LOGPROB_FLOOR), logp)
-
-    @torch.no_grad()
-    def annotate_rollouts(self, rollout: RolloutBatch, need_old: bool) -> dict[str, float]:
-        """Fill old / reference / teacher log-probs of a fresh rollout batch, before any update on it.
-
-        Old log-probs are computed when several updates share the batch (``need_old``), for TIS correction, and
-        whenever the sampler reported its own log-probs and ``log_sampler_mismatch`` is on, to measure the
-        train / inference mismatch. Returns timings and mismatch statistics to log.
-        """
-        has_sampler_lp = rollout.sampler_logprobs is not None
-        jobs = []
-        if ((OLD_LOGPROBS in self.requires and need_old) or SAMPLER_LOGPROBS in self.requires
-                or (has_sampler_lp and self.log_sampler_mismatch)):
-            jobs.append(("old", lambda mb: self._logprobs(self.student, mb)))
-        if REF_LOGPROBS in self.requires:
-            jobs.append(("ref", lambda mb: self._logprobs(self.reference, mb)))
-        if TEACHER_LOGPROBS in self.requires:  # whichever backend scores it (rlad_pl.teacher)
-            jobs.append(("teacher", self._teacher_logprobs))
-        if SAMPLER_LOGPROBS in self.requires and not has_sampler_lp:
-            raise ConfigError("data.sampler", "an objective needs the sampler's log-probs (TIS correction) but "
-                              "this sampler does not report them; use rlad_pl.rollout.vllm.VLLMSampler")
-        stats: dict[str, float] = {}
-        if not jobs:
-            return stats
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            results, seconds = {}, defaultdict(float)
-            # chunks of similar length, each trimmed to its own padding; values land back in the full layout
-            order = torch.argsort(rollout.attention_mask.sum(-1), stable=True)
-            for s in range(0, rollout.num_sequences, self.annotate_batch_size):
-                idx = order[s:s + self.annotate_batch_size]
-                mb = rollout.select(idx).trim_padding().to(self.device)
-                for name, score in jobs:
-                    t0 = time.perf_counter()
-                    lp = self._sanitize(score(mb), mb.response_mask, name).cpu()
-                    full = results.setdefault(name, torch.zeros(rollout.response_mask.shape, dtype=lp.dtype))
-                    full[idx, :lp.shape[1]] = lp
-                    seconds[name] += time.perf_counter() - t0
-        finally:
-            self.student.train(was_training)
-            self.teacher_backend.release()  # FSDP2: free the frozen models' gathered embeddings / LM head
-            reshard(self.reference)
-        for name, full in results.items():
-            setattr(rollout, f"{name}_logprobs", full)
-            stats[f"timing/{name}_logprobs"] = seconds[name]
-        if has_sampler_lp and rollout.old_logprobs is not None:
-            mism = logprob_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.response_mask)
-            stats.update({k: float(v) for k, v in mism.items()})
-        return stats
-
+    # ------------------------------------------------------------------------------------------ the loss
     def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
         hidden = root_call(self.student, response_hidden, self.student, batch.input_ids, batch.attention_mask,
                            batch.prompt_len)
@@ -334,20 +254,14 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         local = torch.tensor([step.num_tokens, float(step.num_sequences)], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             local = self.trainer.strategy.reduce(local, reduce_op="sum")
-        max_len = float(self.trainer.datamodule.sampling.max_new_tokens) if self._has_dm() else float(
-            max(mb.response_len for mb in step.micro_batches))
+        max_len = float(step.max_response_len if step.max_response_len is not None else
+                        max(mb.response_len for mb in step.micro_batches))
         return Denominators(num_tokens=float(local[0]), num_sequences=float(local[1]), max_response_len=max_len)
-
-    def _has_dm(self) -> bool:
-        return getattr(self.trainer, "datamodule", None) is not None and hasattr(self.trainer.datamodule, "sampling")
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        if isinstance(batch, StepBatch):
-            return StepBatch([mb.to(device) for mb in batch.micro_batches])
-        return batch  # validation batches are lists of problems
 
     def training_step(self, step: StepBatch, batch_idx: int):
         t0 = time.perf_counter()
+        for k in [k for k in (step.stats or {}) if k.startswith("nonfinite/")]:  # counted by the annotator
+            self.counters[k] += step.stats.pop(k)
         opt = self.optimizers()
         denom = self.step_denominators(step)
         opt.zero_grad(set_to_none=True)
@@ -391,5 +305,5 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
                      "train/tokens": torch.tensor(denom.num_tokens),
                      "timing/train_step": torch.tensor(time.perf_counter() - t0)})
         logs.update({k: torch.tensor(v) for k, v in self.counters.items()})
-        self._log_train(logs, batch_idx)
+        self._log_train(logs, step)
         return loss_sum

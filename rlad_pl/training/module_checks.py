@@ -1,8 +1,8 @@
 """``DistillationModule``'s own input checks, each one ``ConfigError(field, message)`` line before compute is spent.
 
-At construction, before any model loads: the objectives (types, declared inputs, NaN coefficients, distinct names),
-the scalar settings and the optimizer / scheduler factories (probed on a dummy parameter). In ``setup``, once the
-data module is known: group objectives against the group size and the sampling temperature.
+At construction, before any model loads: the scalar settings and the optimizer / scheduler factories (probed on a
+dummy parameter); the objectives themselves are checked by ``rlad_pl.objectives.plan``. When the rollout settings
+arrive (``configure_rollouts``): group objectives against the group size and the sampling temperature.
 """
 
 from __future__ import annotations
@@ -12,35 +12,10 @@ import math
 import torch
 
 from rlad_pl.core.errors import ConfigError, warn_once
-from rlad_pl.objectives.base import KNOWN_REQUIREMENTS, AggMode, Objective
 from rlad_pl.core.validation import check_choice, check_float, check_int
 
 #: below these, sampling is near-greedy: a group's responses are (nearly) identical
 NEAR_GREEDY_TEMPERATURE, NEAR_GREEDY_TOP_P = 0.1, 0.1
-
-
-def check_objectives(objectives, loss_agg: AggMode) -> list[Objective]:
-    """``model.objectives`` as a non-empty list of ``Objective`` whose ``requires`` are all known, with no NaN
-    coefficient (it passes every ``< 0`` check and poisons the loss) and distinct names; an objective without its
-    own ``loss_agg`` gets ``loss_agg``."""
-    if isinstance(objectives, Objective):
-        objectives = [objectives]
-    if not objectives:
-        raise ConfigError("model.objectives", "expected at least one Objective")
-    for i, obj in enumerate(objectives):
-        if not isinstance(obj, Objective):
-            raise ConfigError(f"model.objectives[{i}]", f"expected an rlad_pl Objective, got {type(obj).__name__}")
-        unknown = set(obj.requires) - KNOWN_REQUIREMENTS
-        if unknown:
-            raise ConfigError(f"model.objectives[{i}]", f"{type(obj).__name__} requires unknown inputs "
-                              f"{sorted(unknown)}")
-        for key, value in vars(obj).items():
-            if isinstance(value, float) and math.isnan(value):
-                raise ConfigError(f"{obj.name}.{key}", "expected a number, got nan")
-        if obj.loss_agg is None:
-            obj.loss_agg = loss_agg
-    check_unique_names(list(objectives))
-    return list(objectives)
 
 
 def check_settings(grad_clip, temperature, logprob_chunk_size, annotate_batch_size, fsdp_mixed_precision) -> None:
@@ -56,17 +31,6 @@ def check_settings(grad_clip, temperature, logprob_chunk_size, annotate_batch_si
     if fsdp_mixed_precision is not None:
         check_choice("model.fsdp_mixed_precision", fsdp_mixed_precision,
                      ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
-
-
-def check_unique_names(objectives: list[Objective]) -> None:
-    """Two objectives with one ``name`` would log into (and overwrite) the same metrics."""
-    seen: dict[str, int] = {}
-    for i, obj in enumerate(objectives):
-        if obj.name in seen:
-            raise ConfigError(f"model.objectives[{i}].init_args.name", f"objectives {seen[obj.name]} and {i} are "
-                              f"both named '{obj.name}' (their metrics would overwrite each other); give each a "
-                              "distinct name")
-        seen[obj.name] = i
 
 
 def check_optimizer(optimizer, lr_scheduler) -> None:
@@ -96,17 +60,16 @@ def check_optimizer(optimizer, lr_scheduler) -> None:
             raise ConfigError("model.lr_scheduler.init_args", f"{type(e).__name__}: {e}") from None
 
 
-def check_groups(objectives: list[Objective], dm) -> None:
-    """Objectives that normalize advantages within a group need ``data.group_size >= 2`` and non-greedy sampling
-    (``check_group_sampling``); a data module without these attributes is not checked."""
-    group_objs = [type(o).__name__ for o in objectives if o.needs_groups]
+def check_groups(group_objs: list[str], group_size: int, sampling) -> None:
+    """Objectives that normalize advantages within a group (``group_objs``) need ``data.group_size >= 2`` and
+    non-greedy sampling (``check_group_sampling``)."""
     if not group_objs:
         return
-    if getattr(dm, "group_size", 2) < 2:
+    if group_size < 2:
         raise ConfigError("data.group_size", f"{', '.join(group_objs)} normalizes advantages within a group "
-                          f"of responses and needs group_size >= 2, got {dm.group_size}")
-    if getattr(dm, "sampling", None) is not None:
-        check_group_sampling(group_objs, dm.sampling)
+                          f"of responses and needs group_size >= 2, got {group_size}")
+    if sampling is not None:
+        check_group_sampling(group_objs, sampling)
 
 
 def check_group_sampling(group_objs: list[str], sampling) -> None:

@@ -1,0 +1,25 @@
+"""``RolloutLink``: the one place where the Lightning module and the data module meet.
+
+At ``setup`` (after the data module's ``setup``, before the module's) it hands the module the data side's settings
+(``configure_rollouts``: sampling temperature, group size, the validation metric's buckets) and hands the data
+module's rollout pipeline the module's models (``connect(module.policy())``). So the module never reads the data
+module and the data side never calls the module. ``DistillationModule.configure_callbacks`` adds it, so a plain
+``Trainer(...).fit(module, datamodule=dm)`` is linked too.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class RolloutLink(L.Callback):
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "connect"):
+            return
+        buckets = dm.buckets("test" if stage == "test" else "val")
+        pl_module.configure_rollouts(dm.settings, dm.pass_k, buckets)
+        dm.connect(pl_module.policy())
+
+
+__all__ = ["RolloutLink"]
