@@ -1,4 +1,4 @@
-"""GRPO: the PPO-clipped surrogate with group-normalized advantages (spec: rlad-trrd.md section 2).
+"""GRPO: the PPO-clipped surrogate with group-normalized advantages (docs/methods/grpo.md).
 
     rho_t   = exp(l_S - l_old)
     surr_t  = min( rho_t A_i , clip(rho_t, 1 - eps_low, 1 + eps_high) A_i )

@@ -1,5 +1,5 @@
-"""KDRL: GRPO plus a sampled reverse-KL(student || teacher) regulariser on the student's own rollouts (spec:
-rlad-trrd.md section 3.1; arXiv 2506.02208 as RLAD defines it, Eq. 2).
+"""KDRL: GRPO plus a sampled reverse-KL(student || teacher) regulariser on the student's own rollouts
+(docs/methods/kdrl.md; arXiv 2506.02208 as RLAD defines it, Eq. 2).
 
     v_t  = v_t^GRPO + kd_coef * m_i * k(l_S, l_T)                    loss = agg(v)
     k1 = l_S - l_T ,   k2 = (l_S - l_T)^2 / 2 ,   k3 = exp(l_T - l_S) - 1 - (l_T - l_S)

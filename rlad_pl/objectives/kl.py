@@ -1,4 +1,4 @@
-"""Full-vocabulary token-level distillation: the prefix-source x divergence grid (spec: decoupled-kl.md sections 3-7).
+"""Full-vocabulary token-level distillation: the prefix-source x divergence grid (docs/methods/opd.md).
 
     v_t  = D( q(.|s_t) , p(.|s_t) )  at every response position,  q = softmax(z_S / T),  p = softmax(z_T / T)
     loss = agg(v)                    (the paper's token mean: set ``loss_agg: token_mean``)
@@ -47,7 +47,7 @@ class TokenKL(TokenObjective):
             ``M = beta p + (1-beta) q``), ``skew_forward`` (``KL(p || a p + (1-a) q)``), ``skew_reverse``
             (``KL(q || a q + (1-a) p)``) or ``clipped_forward`` (``sum_v clamp(p (log p - log q), clip_lower,
             clip_kappa)``).
-        kl_mix_lambda: weight of the REVERSE KL in ``mix`` (0 = forward, 1 = reverse; spec default 0.25).
+        kl_mix_lambda: weight of the REVERSE KL in ``mix`` (0 = forward, 1 = reverse; default 0.25).
         jsd_beta: GKD beta in [0, 1] (0 -> FKL, 1 -> RKL, special-cased).
         skew_alpha: DistiLLM skew in [0, 1) (0 -> plain FKL / RKL; paper 0.1).
         clip_kappa: per-entry upper clip of ``clipped_forward`` (ReNIO release 0.05); null: no upper clip.
@@ -211,7 +211,7 @@ class ReverseKL(TokenKL):
 
 
 class KLMix(TokenKL):
-    """``v_t = lam RKL_t + (1 - lam) FKL_t``; ``kl_mix_lambda`` weights the REVERSE KL (spec default 0.25)."""
+    """``v_t = lam RKL_t + (1 - lam) FKL_t``; ``kl_mix_lambda`` weights the REVERSE KL (default 0.25)."""
 
     def __init__(self, kl_mix_lambda: float = 0.25, prefix_source: PrefixSource = "student", chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,

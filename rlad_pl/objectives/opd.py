@@ -1,4 +1,4 @@
-"""On-policy distillation (OPD): the student samples, the teacher scores (spec: decoupled-kl.md sections 2, 5, 10).
+"""On-policy distillation (OPD): the student samples, the teacher scores (docs/methods/opd.md).
 
 Sampled-token form ("vanilla OPD", Thinking Machines / ReNIO ``use_tinker_loss``), per response token ``y_t``:
 

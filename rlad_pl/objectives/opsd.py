@@ -1,4 +1,4 @@
-"""OPSD: on-policy self-distillation (spec: renio-opsd.md sections 4-5; arXiv 2601.18734 as released in ReNIO).
+"""OPSD: on-policy self-distillation (docs/methods/opsd.md; arXiv 2601.18734 as released in ReNIO).
 
     v_t  = sum_v clamp( p_T(v|x', y_<t) [log p_T(v|x', y_<t) - log q_S(v|x, y_<t)] , clip_lower, clip_kappa )
     loss = agg(v)          (the release: per-sample token mean, then sample mean -> ``loss_agg: seq_mean_token_mean``)

@@ -1,4 +1,4 @@
-"""ReNIO sample weights around any per-token objective (spec: renio-opsd.md sections 2-3, arXiv 2606.23104).
+"""ReNIO sample weights around any per-token objective (docs/methods/renio.md; arXiv 2606.23104).
 
     d_t   = l_S(y_t) - l_T(y_t)                  STUDENT minus teacher, sampled tokens, detached
     d~_t  = min(d_t, c)                           upper clamp only
@@ -10,7 +10,7 @@
     loss  = (1 / N_seq_step) sum_{i in B} w_i L_i         (N_seq_step: sequences in the whole optimizer step)
 
 With w = 1 this is the inner loss under ``seq_mean_token_mean``. The weights are computed under no-grad. Unlike the
-release (bug 5) the weights also apply when the inner objective is the sampled-token ``OPDSampled``.
+release the weights also apply when the inner objective is the sampled-token ``OPDSampled``.
 """
 
 from __future__ import annotations

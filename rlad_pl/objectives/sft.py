@@ -1,5 +1,5 @@
-"""SFT: token cross-entropy on teacher traces, with optional rejection sampling (spec: rlad-trrd.md section 3.2;
-decoupled-kl.md section 5, "A-hard").
+"""SFT: token cross-entropy on teacher traces, with optional rejection sampling (docs/methods/sft.md;
+the hard-label form of cell A in docs/methods/opd.md).
 
     v_t  = - g_i * l_S(y_t)          g_i = 1[r_i >= min_reward]  (1 when min_reward is null)
     loss = agg(v)

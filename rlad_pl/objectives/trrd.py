@@ -1,5 +1,5 @@
-"""TRRD / RLAD: GRPO whose trust region is centred on a mixture of the old policy and the teacher (spec: rlad-trrd.md
-sections 4-5, arXiv 2602.22495).
+"""TRRD / RLAD: GRPO whose trust region is centred on a mixture of the old policy and the teacher
+(docs/methods/trrd.md; arXiv 2602.22495).
 
     d_T      = clamp(l_S - l_T, -c_T, c_T)                                         (teacher log-ratio clamp, App. B)
     log r    = alpha (l_S - l_old) + (1 - alpha) d_T        = l_S - [alpha l_old + (1 - alpha) l_T]  (clamp inactive)
@@ -28,8 +28,8 @@ def teacher_log_ratio(logp: Tensor, teacher_logp: Tensor, clamp: Optional[float]
                       ) -> tuple[Tensor, Tensor]:
     """``d_T = clamp(l_S - l_T, -c, c)`` and the mask where the clamp binds.
 
-    ``grad="through"`` (spec option A, literal): the clamp acts on the differentiable value, so where it binds
-    ``d_T`` has no gradient. ``grad="straight"`` (option B): ``clamp(sg(l_S) - l_T, -c, c) + (l_S - sg(l_S))``, same
+    ``grad="through"`` (the literal reading): the clamp acts on the differentiable value, so where it binds
+    ``d_T`` has no gradient. ``grad="straight"`` (straight-through): ``clamp(sg(l_S) - l_T, -c, c) + (l_S - sg(l_S))``, same
     value, gradient ``dl_S`` everywhere. ``clamp=None`` disables the clamp.
     """
     d = logp - teacher_logp
