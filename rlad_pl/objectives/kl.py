@@ -3,8 +3,8 @@
     v_t  = D( q(.|s_t) , p(.|s_t) )  at every response position,  q = softmax(z_S / T),  p = softmax(z_T / T)
     loss = agg(v)                    (the paper's token mean: set ``loss_agg: token_mean``)
 
-``D`` is one of ``rlad_pl.core.divergences`` (``forward`` = KL(p||q), ``reverse`` = KL(q||p), ``mix`` = lam RKL + (1-lam)
-FKL, ``jsd`` = GKD generalized JSD(beta), ``skew_forward`` / ``skew_reverse`` = DistiLLM, ``clipped_forward`` =
+``D`` is one of ``rlad_pl.core.divergences`` (``forward`` = KL(p||q), ``reverse`` = KL(q||p), ``mix`` = lam RKL +
+(1-lam) FKL, ``jsd`` = GKD generalized JSD(beta), ``skew_forward`` / ``skew_reverse`` = DistiLLM, ``clipped_forward`` =
 ReNIO/OPSD per-entry clipped FKL). Prefixes come from the student (``prefix_source: student``, on-policy, cells B/D)
 or from teacher samples (``teacher``, cells A/C). The two LM heads run chunk by chunk (``chunked_divergence``).
 

@@ -29,8 +29,9 @@ def teacher_log_ratio(logp: Tensor, teacher_logp: Tensor, clamp: Optional[float]
     """``d_T = clamp(l_S - l_T, -c, c)`` and the mask where the clamp binds.
 
     ``grad="through"`` (the literal reading): the clamp acts on the differentiable value, so where it binds
-    ``d_T`` has no gradient. ``grad="straight"`` (straight-through): ``clamp(sg(l_S) - l_T, -c, c) + (l_S - sg(l_S))``, same
-    value, gradient ``dl_S`` everywhere. ``clamp=None`` disables the clamp.
+    ``d_T`` has no gradient. ``grad="straight"`` (straight-through):
+    ``clamp(sg(l_S) - l_T, -c, c) + (l_S - sg(l_S))``, same value, gradient ``dl_S`` everywhere. ``clamp=None``
+    disables the clamp.
     """
     d = logp - teacher_logp
     if clamp is None:
