@@ -14,7 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs TRL (pip install -e '.[bench]')")
+pytestmark = [pytest.mark.slow,  # benchmark runs of both libraries, in subprocesses
+              pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                                 reason="needs TRL (pip install -e '.[bench]')")]
 
 
 def row(text: str, label: str) -> list[str]:

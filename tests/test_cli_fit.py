@@ -22,6 +22,7 @@ def grpo_run(tmp_path_factory):
     return cli, Path(cli.trainer.log_dir)
 
 
+@pytest.mark.slow  # the `grpo_run` fixture: a 30-rollout-batch GRPO fit, ~50 s on 2 busy cores
 def test_grpo_mean_reward_rises(grpo_run):
     _, log_dir = grpo_run
     reward = scalars(log_dir, "rollout/reward_mean")
@@ -32,6 +33,7 @@ def test_grpo_mean_reward_rises(grpo_run):
     assert all(v == v for v in reward)  # no NaN
 
 
+@pytest.mark.slow  # the `grpo_run` fixture: a 30-rollout-batch GRPO fit, ~50 s on 2 busy cores
 def test_grpo_logs_metrics_and_samples(grpo_run):
     _, log_dir = grpo_run
     for tag in ("train/loss", "grpo/clip_frac_low", "grpo/clip_frac_high", "grpo/ratio_mean", "train/entropy",
@@ -43,6 +45,7 @@ def test_grpo_logs_metrics_and_samples(grpo_run):
     assert any(t.startswith("rollouts/samples") for t in text_tags(log_dir))
 
 
+@pytest.mark.slow  # the `grpo_run` fixture: a 30-rollout-batch GRPO fit, ~50 s on 2 busy cores
 def test_checkpoint_and_hf_export(grpo_run):
     cli, log_dir = grpo_run
     ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))

@@ -45,6 +45,7 @@ def _loss_and_grads(m: DistillationModule, batch: RolloutBatch):
     return loss.detach(), {n: p.grad.clone() for n, p in m.student.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow  # torch.compile of every objective: ~55 s on 2 busy cores
 def test_compiled_losses_and_gradients_equal_eager():
     eager, comp = _module(False), _module(True)
     assert not is_compiled(eager.student) and is_compiled(comp.student) and is_compiled(comp.teacher)

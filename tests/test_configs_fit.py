@@ -51,6 +51,7 @@ def test_config_short_fit_is_finite(tmp_path, name):
     assert cli.model.teacher is not None and not any(p.requires_grad for p in cli.model.teacher.parameters())
 
 
+@pytest.mark.slow  # a fit long enough to lower the divergence: ~20 s each on 2 busy cores
 @pytest.mark.parametrize("name,tag", [("forward_kl_tiny", "forwardkl/fkl"), ("opd_full_tiny", "opdfullvocab/rkl")])
 def test_distillation_lowers_its_divergence(tmp_path, name, tag):
     cli = _fit(tmp_path, name, 12)

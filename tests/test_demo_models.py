@@ -51,6 +51,7 @@ def test_assets_small_and_loadable():
     assert len(ids) == len(p.prompt + p.solution) and min(ids) >= 3
 
 
+@pytest.mark.slow  # the `greedy` fixture evaluates both demo models on the test split: ~80 s on 2 busy cores
 def test_teacher_much_better_than_student(greedy):
     t, s = greedy["demo-teacher"], greedy["demo-student"]
     # card numbers: teacher ~0.9, student ~0.4 (greedy, all levels)
@@ -62,6 +63,7 @@ def test_teacher_much_better_than_student(greedy):
         assert s[f"{lvl}/mean@1"] <= 0.25 and t[f"{lvl}/mean@1"] >= s[f"{lvl}/mean@1"] + 0.4, lvl
 
 
+@pytest.mark.slow  # the `greedy` fixture (above)
 @pytest.mark.parametrize("name", ["demo-teacher", "demo-student"])
 def test_matches_model_card(greedy, name):
     got, want = greedy[name], card(name)["greedy"]
