@@ -34,10 +34,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,6 +42,8 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from rlad_pl.testing import runs  # noqa: E402
+
 CONFIG = REPO / "configs" / "smollm2_grpo_cpu.yaml"
 PHASES = (("generate", "timing/generate"), ("sync", "timing/weight_sync"), ("old_lp", "timing/old_logprobs"),
           ("teacher", "timing/teacher_logprobs"), ("update", "timing/train_step"))
@@ -118,81 +117,58 @@ def overlay(cell: Cell, model_dir: str, sizes: Sizes) -> dict:
     return {"model": model, "data": data}
 
 
+def fit_overrides(model_dir: str, sizes: Sizes) -> dict:
+    """The overrides every cell shares (validation, checkpoints, export off)."""
+    return {"model.student": model_dir, "trainer.max_epochs": sizes.steps,
+            "trainer.check_val_every_n_epoch": 1000000, "trainer.enable_checkpointing": False,
+            "trainer.enable_progress_bar": False, "export.enabled": False,
+            "data.prompts_per_rollout": sizes.prompts, "data.group_size": sizes.group,
+            "data.micro_batch_size": sizes.prompts * sizes.group, "data.sampling.max_new_tokens": sizes.new_tokens,
+            "seed_everything": 0}
+
+
 def fit_command(cell_config: Path, model_dir: str, root: Path, sizes: Sizes) -> list[str]:
-    """``python -m rlad_pl fit`` with the overrides every cell shares (validation, checkpoints, export off)."""
-    return [sys.executable, "-m", "rlad_pl", "fit", "--config", str(CONFIG), "--config", str(cell_config),
-            "--model.student", model_dir, "--trainer.max_epochs", str(sizes.steps),
-            "--trainer.check_val_every_n_epoch", "1000000", "--trainer.enable_checkpointing", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--export.enabled", "false", "--data.prompts_per_rollout", str(sizes.prompts),
-            "--data.group_size", str(sizes.group), "--data.micro_batch_size", str(sizes.prompts * sizes.group),
-            "--data.sampling.max_new_tokens", str(sizes.new_tokens), "--seed_everything", "0"]
-
-
-def read_events(root: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar tag under ``root`` -> ``[(step, wall_time, value), ...]`` in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for f in sorted(root.rglob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.wall_time, e.value) for e in ea.Scalars(tag))
-    return {k: sorted(v) for k, v in out.items()}
+    """``python -m rlad_pl fit`` of one cell (what ``run_cell`` runs)."""
+    overrides = {"trainer.default_root_dir": root, **fit_overrides(model_dir, sizes)}
+    return runs.fit_command([CONFIG, cell_config], overrides)
 
 
 def per_step(events: dict[str, list[tuple[int, float, float]]], steps: int) -> dict[str, float]:
     """Seconds per step after warm-up (median wall-time difference between the events of steps 1 .. N-1 and those
-    of the step before) and each phase's mean over the same steps (0 when the run does not log it)."""
+    of the step before) and each phase's mean over the same steps (0 when the run does not log it);
+    ``events``: ``tag -> [(step, wall_time, value)]`` (``runs.read_scalars(..., wall_time=True)``)."""
     loss = events.get("train/loss", [])
     if len(loss) != steps:
         raise RuntimeError(f"expected {steps} logged steps of train/loss, found {len(loss)}")
-    walls = [w for _, w, _ in loss]
-    out = {"step": statistics.median(b - a for a, b in zip(walls, walls[1:]))}
-    for name, tag in PHASES:
-        vals = [v for s, _, v in events.get(tag, []) if s >= 1]
-        out[name] = statistics.fmean(vals) if vals else 0.0
+    out = {"step": runs.median_step_s([w for _, w, _ in loss], warmup=1)}
+    means = runs.scalar_means(events, [tag for _, tag in PHASES], skip_first=1)
+    out.update({name: means[tag] for name, tag in PHASES})
     out["other"] = out["step"] - sum(out[n] for n, _ in PHASES)
     return out
 
 
-def run_cell(cell: Cell, model_dir: str, sizes: Sizes, work: Path, log=print) -> dict:
-    """One fit subprocess; its per-step numbers, peak RSS (GB) and whole wall time. The run folder is deleted."""
-    import shutil
-
-    root = Path(tempfile.mkdtemp(prefix="cell-", dir=work))
-    cfg = root / "cell.yaml"
-    cfg.write_text(json.dumps(overlay(cell, model_dir, sizes)))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    t0 = time.perf_counter()
-    with open(root / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(fit_command(cfg, model_dir, root, sizes), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
+def run_cell(cell: Cell, model_dir: str, sizes: Sizes, log=print) -> dict:
+    """One fit subprocess; its per-step numbers, peak RSS (GB) and whole wall time. The run folder (a temporary
+    one) is deleted."""
     try:
-        if rc != 0:
-            tail = (root / "stderr.txt").read_text().strip().splitlines()[-15:]
-            raise RuntimeError(f"{cell.name}: fit exited {rc}:\n" + "\n".join(tail))
-        res = per_step(read_events(root), sizes.steps)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    res.update(peak_gb=usage.ru_maxrss / 2 ** 20, wall=wall)  # ru_maxrss is in KiB on Linux
-    log(f"  {cell.name}: {res['step']:.2f} s/step, peak {res['peak_gb']:.2f} GB, {wall:.0f} s in all")
+        run = runs.run_fit([CONFIG, overlay(cell, model_dir, sizes)], fit_overrides(model_dir, sizes),
+                           env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    except runs.FitError as e:
+        raise RuntimeError(f"{cell.name}: fit exited {e.returncode}:\n" + "\n".join(e.tail)) from None
+    res = per_step(run.events, sizes.steps)
+    res.update(peak_gb=run.peak_rss_gb, wall=run.wall_s)
+    log(f"  {cell.name}: {res['step']:.2f} s/step, peak {res['peak_gb']:.2f} GB, {run.wall_s:.0f} s in all")
     return res
 
 
 def run_table(rows: list[Cell], model_dir: str, sizes: Sizes, repeats: int, log=print) -> list[dict]:
     """Every cell ``repeats`` times, interleaved; per cell the median of each number over the repeats."""
-    runs: dict[Cell, list[dict]] = {c: [] for c in rows}
-    with tempfile.TemporaryDirectory(prefix="bench_real_model-") as work:
-        for r in range(repeats):
-            log(f"repeat {r + 1}/{repeats}")
-            for cell in rows:
-                runs[cell].append(run_cell(cell, model_dir, sizes, Path(work), log))
-    return [{"cell": c, **{k: statistics.median(x[k] for x in rs) for k in rs[0]}} for c, rs in runs.items()]
+    done: dict[Cell, list[dict]] = {c: [] for c in rows}
+    for r in range(repeats):
+        log(f"repeat {r + 1}/{repeats}")
+        for cell in rows:
+            done[cell].append(run_cell(cell, model_dir, sizes, log))
+    return [{"cell": c, **{k: statistics.median(x[k] for x in rs) for k in rs[0]}} for c, rs in done.items()]
 
 
 def baseline(rows: list[dict], cell: Cell) -> Optional[dict]:

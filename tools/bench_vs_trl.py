@@ -28,8 +28,9 @@ rlad_pl / TRL, sequences / completion tokens / optimizer steps / dtype / threads
 per-step mean reward of each side (mean over repetitions) next to each other.
 
 ``--compile``: ``none`` (default, both eager), ``rlad_pl`` (rlad_pl with ``--model.compile true``: its training
-backbones compiled, ``rlad_pl.models.compiled``; TRL eager) or ``both`` (TRL's ``torch_compile=True`` too, which compiles the
-whole model and recompiles for the shapes that change every step). ``--warmup`` must then cover the compile steps.
+backbones compiled, ``rlad_pl.models.compiled``; TRL eager) or ``both`` (TRL's ``torch_compile=True`` too, which
+compiles the whole model and recompiles for the shapes that change every step). ``--warmup`` must then cover the
+compile steps.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from rlad_pl.testing.runs import median_step_s, run_logged  # noqa: E402
+
 ASSETS = REPO / "rlad_pl" / "assets"
 SIDES = ("rlad_pl", "TRL")
 
@@ -81,8 +84,8 @@ QUICK = {
 }
 
 DOES = {
-    ("grpo", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler decode loop, verifier, group advantages, "
-                         "GRPO eps 0.2/0.28, loss_agg token_mean, AdamW",
+    ("grpo", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler decode loop, verifier, group "
+                         "advantages, GRPO eps 0.2/0.28, loss_agg token_mean, AdamW",
     ("grpo", "TRL"): "GRPOTrainer: transformers generate, same verifier as reward_funcs, scale_rewards group, "
                      "loss_type dapo, epsilon 0.2 / epsilon_high 0.28, beta 0, adamw_torch",
     ("opd", "rlad_pl"): "python -m rlad_pl fit on configs/demo.yaml: HFSampler decode loop, verifier, OPDFullVocab "
@@ -247,14 +250,11 @@ def launch(job: dict, in_process: bool, log: Path) -> dict:
     if in_process:
         run_job(job)
     else:
-        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
-        with open(log, "w") as f:
-            rc = subprocess.call([sys.executable, __file__, "--job", json.dumps(job)], stdout=f, stderr=f, env=env,
-                                 cwd=REPO)
-        if rc != 0:
-            tail = log.read_text().strip().splitlines()[-15:]
-            raise SystemExit(f"bench_vs_trl: the {job['side']} {job['workload']['name']} run failed (exit {rc}); "
-                             f"log {log}:\n" + "\n".join(tail))
+        env = {"OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+        done = run_logged([sys.executable, __file__, "--job", json.dumps(job)], log, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"bench_vs_trl: the {job['side']} {job['workload']['name']} run failed (exit "
+                             f"{done.returncode}); log {log}:\n" + "\n".join(done.tail(15)))
     return json.loads(Path(job["out"]).read_text())
 
 
@@ -268,8 +268,7 @@ def seconds_per_step(rec: dict, steps: int, warmup: int) -> float:
 
 def median_step(rec: dict, warmup: int) -> float:
     """Median duration of the timed steps: less sensitive than the mean to bursts of load on a shared machine."""
-    t = rec["times"]
-    return statistics.median(b - a for a, b in zip(t[warmup - 1:], t[warmup:]))
+    return median_step_s(rec["times"], warmup)
 
 
 def bench(w: Workload, args, tmp: Path) -> dict:

@@ -43,12 +43,10 @@ measures models (Mean@8 / Pass@8 at T=1 on 64 validation problems per level of t
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +54,9 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the package itself, also without an installed copy
+    sys.path.insert(0, str(REPO))
+from rlad_pl.testing.runs import FitError, read_scalars, run_fit, scalar_means  # noqa: E402
 
 OBJ = "rlad_pl.objectives."
 METHODS: dict[str, list[dict]] = {
@@ -100,46 +101,28 @@ def run_one(method: str, seed: int, args, extra: list[str], threads: Optional[in
         return out
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "lightning_logs", ignore_errors=True)  # an unfinished earlier attempt
-    cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", str(args.config),
-           "--model.objectives", json.dumps(METHODS[method]), "--seed_everything", str(seed),
-           "--data.seed", str(seed), "--trainer.default_root_dir", str(out), "--export.enabled", "false",
-           "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
+    overrides = {"model.objectives": METHODS[method], "seed_everything": seed, "data.seed": seed,
+                 "export.enabled": False, "trainer.enable_progress_bar": False,
+                 "trainer.enable_checkpointing": False}
     if args.epochs is not None:
-        cmd += ["--trainer.max_epochs", str(args.epochs), "--trainer.check_val_every_n_epoch", str(args.epochs)]
+        overrides.update({"trainer.max_epochs": args.epochs, "trainer.check_val_every_n_epoch": args.epochs})
     if args.val_prompts is not None:
-        cmd += ["--data.val_prompts", str(args.val_prompts)]
+        overrides["data.val_prompts"] = args.val_prompts
     if getattr(args, "val_every", None) is not None:
-        cmd += ["--trainer.check_val_every_n_epoch", str(args.val_every)]
-    cmd += extra
-    print(f"[compare] {method} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    with open(out / "fit.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                 **({"OMP_NUM_THREADS": str(threads)} if threads else {})}).returncode
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        tail = (out / "fit.log").read_text().strip().splitlines()[-3:]
-        raise SystemExit(f"[compare] {method} seed {seed} failed (exit {rc}): {' | '.join(tail)}")
-    (out / "done.json").write_text(json.dumps({"wall_seconds": wall, "command": cmd[1:]}, indent=1))
-    print(f"[compare] {method} seed {seed}: {wall:.0f} s", flush=True)
+        overrides["trainer.check_val_every_n_epoch"] = args.val_every
+    announce = lambda cmd: print(f"[compare] {method} seed {seed}: {' '.join(cmd[1:])}", flush=True)  # noqa: E731
+    try:
+        run = run_fit(args.config, overrides, out, extra=extra, on_start=announce,
+                      env={"OMP_NUM_THREADS": str(threads)} if threads else None)
+    except FitError as e:
+        tail = " | ".join(e.tail[-3:])
+        raise SystemExit(f"[compare] {method} seed {seed} failed (exit {e.returncode}): {tail}") from None
+    (out / "done.json").write_text(json.dumps({"wall_seconds": run.wall_s, "command": run.command[1:]}, indent=1))
+    print(f"[compare] {method} seed {seed}: {run.wall_s:.0f} s", flush=True)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of the TensorBoard event files under ``run_dir``: ``tag -> [(step, value)]``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return {k: sorted(v) for k, v in out.items()}
-
-
 def summarize(run_dir: Path) -> dict:
     s = read_scalars(run_dir)
     mean_tag = next((t for t in s if t.startswith("val/all/mean@")), None)
@@ -148,10 +131,10 @@ def summarize(run_dir: Path) -> dict:
     k = mean_tag.rsplit("@", 1)[1]
     first = {t[4:]: v[0][1] for t, v in s.items() if t.startswith("val/") and v and v[0][0] == 0}
     last = {t[4:]: v[-1][1] for t, v in s.items() if t.startswith("val/") and v}
-    timing = {t: _mean(s.get(t, []), empty=0.0) for t in TIMING}
+    timing = scalar_means(s, TIMING)
     done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else {}
     return {"k": k, "before": first, "after": last, "step_seconds": sum(timing.values()), "timing": timing,
-            "teacher_seconds": _mean(s.get("timing/teacher_logprobs", []), empty=0.0),
+            "teacher_seconds": scalar_means(s, ["timing/teacher_logprobs"])["timing/teacher_logprobs"],
             "entropy_end": _mean(s.get("train/entropy", [])[-5:]),
             "entropy_start": s["train/entropy"][0][1] if s.get("train/entropy") else float("nan"),
             "steps": len(s.get("timing/train_step", [])), "wall_seconds": done.get("wall_seconds", float("nan")),
@@ -324,7 +307,7 @@ def study_sections(results: dict[str, list[dict]], step_cost: Optional[dict[str,
     how = (f"step costs relative to GRPO {', '.join(f'{m} {c:g}' for m, c in cost.items())} (--step-cost)"
            if step_cost else "the measured training seconds (validation excluded); seconds on a shared CPU carry "
            "the contention of the moment: compare them only within this table")
-    lines = [f"## Equal rollout batches and equal wall time", "",
+    lines = ["## Equal rollout batches and equal wall time", "",
              f"Final Mean@{k} (all levels) after the same number of rollout batches, and read off each run's "
              f"validation curve at {budget:.0f} {unit} (the training time of the fastest method, {fastest}; "
              f"linear between validation points); time from {how}.", "",
@@ -418,8 +401,8 @@ def eval_models(config: Path, paths: list[Path]) -> str:
 
     import yaml
 
-    from rlad_pl.pipeline.evaluate import accuracy_table, evaluate_policy
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.pipeline.evaluate import accuracy_table, evaluate_policy
 
     spec = yaml.safe_load(config.read_text())["data"]["task"]
     mod, cls = spec["class_path"].rsplit(".", 1)
@@ -519,8 +502,6 @@ def main() -> None:
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.config = args.config.resolve()
     args.step_cost = dict(args.step_cost) if args.step_cost else None
-    if args.eval_models or args.pivotal_stats:
-        sys.path.insert(0, str(REPO))  # the package itself, also without an installed copy
     if args.eval_models:
         print(eval_models(args.config, args.eval_models))
         return
