@@ -1,13 +1,14 @@
-"""Shared test helpers: run the CLI in-process and read TensorBoard event files."""
+"""Shared test helpers: run the CLI in-process and read TensorBoard event files (``rlad_pl.testing.runs``)."""
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from rlad_pl.testing import runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -79,36 +80,19 @@ def run_cli(*args: str):
 
 def event_accumulators(log_dir: str | Path) -> list:
     """One loaded ``EventAccumulator`` (all scalars and tensors kept) per TensorBoard event file under ``log_dir``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True))
-    assert files, f"no TensorBoard event file under {log_dir}"
-    accs = []
-    for f in files:
-        ea = EventAccumulator(f, size_guidance={"scalars": 0, "tensors": 0})
-        ea.Reload()
-        accs.append(ea)
+    accs = runs.event_accumulators(log_dir, tensors=True)
+    assert accs, f"no TensorBoard event file under {log_dir}"
     return accs
 
 
 def scalars(log_dir: str | Path, tag: str) -> list[float]:
     """Values of one scalar tag from the TensorBoard event files under ``log_dir`` (step order)."""
-    values = []
-    for ea in event_accumulators(log_dir):
-        if tag in ea.Tags()["scalars"]:
-            values += [(e.step, e.value) for e in ea.Scalars(tag)]
-    return [v for _, v in sorted(values, key=lambda x: x[0])]
+    assert runs.event_files(log_dir), f"no TensorBoard event file under {log_dir}"
+    return runs.values(runs.read_scalars(log_dir), tag)
 
 
 def text_tags(log_dir: str | Path) -> list[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = []
-    for f in glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True):
-        ea = EventAccumulator(f)
-        ea.Reload()
-        tags += ea.Tags().get("tensors", [])
-    return tags
+    return [t for ea in runs.event_accumulators(log_dir) for t in ea.Tags().get("tensors", [])]
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from rlad_pl.testing import runs
 
 EPOCHS = 4
 #: tags compared by the parity test: every loss, reward, accuracy, gradient norm and entropy the run logs
@@ -24,27 +25,14 @@ def parity_configs(repo: Path) -> list[str]:
     return sorted(os.path.basename(p) for p in glob.glob(str(repo / "configs" / "*_tiny*.yaml"))) + ["demo.yaml"]
 
 
-def read_scalars(logdir: str) -> dict[str, list[list[float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[list[float]]] = {}
-    for ev in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
-        acc = EventAccumulator(ev, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend([float(e.step), float(e.value)] for e in acc.Scalars(tag))
-    return out
-
-
 def run_config(repo: Path, config: str, root: str, epochs: int = EPOCHS) -> dict[str, list[list[float]]]:
     out = os.path.join(root, config.removesuffix(".yaml"))
-    cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", f"configs/{config}", "--trainer.max_epochs",
-           str(epochs), "--trainer.default_root_dir", out, "--export.dirpath", os.path.join(out, "export")]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"{config}: exit {res.returncode}\n{res.stderr[-3000:]}")
-    return read_scalars(out)
+    overrides = {"trainer.max_epochs": epochs, "export.dirpath": os.path.join(out, "export")}
+    try:
+        run = runs.run_fit(repo / "configs" / config, overrides, out, timeout=1800)
+    except runs.FitError as e:
+        raise RuntimeError(f"{config}: {e}") from None
+    return {tag: [[float(step), float(value)] for step, value in points] for tag, points in run.scalars.items()}
 
 
 def compared(scalars: dict) -> dict:

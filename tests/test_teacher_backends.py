@@ -194,9 +194,8 @@ def test_vllm_teacher_logprobs_equal_local_on_the_demo_pair(tiny_pair):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_trrd_fit_through_the_cli_on_the_vllm_backend(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from rlad_pl.teacher import VLLMTeacher
+    from rlad_pl.testing.runs import read_scalars
 
     def fit(name, *extra):
         cli = run_cli("fit", "--config", str(CONFIGS / "trrd_tiny.yaml"), "--trainer.max_epochs", "2",
@@ -211,17 +210,7 @@ def test_trrd_fit_through_the_cli_on_the_vllm_backend(tmp_path):
                         '{"kv_cache_memory_bytes": 67108864, "max_num_seqs": 64}')
     assert isinstance(cli.model.teacher_backend, VLLMTeacher) and cli.model.teacher is None
 
-    def tags(d):
-        import glob
-
-        out = set()
-        for f in glob.glob(f"{d}/**/events.out.tfevents.*", recursive=True):
-            ea = EventAccumulator(f, size_guidance={"scalars": 0})
-            ea.Reload()
-            out |= set(ea.Tags()["scalars"])
-        return out
-
-    assert tags(vllm_dir) == tags(local_dir)
+    assert set(read_scalars(vllm_dir)) == set(read_scalars(local_dir))
     for tag in ("trrd/loss", "trrd/teacher_clamp_frac", "timing/teacher_logprobs", "val/response_length_mean"):
         values = scalars(vllm_dir, tag)
         assert values and all(torch.isfinite(torch.tensor(values))), tag

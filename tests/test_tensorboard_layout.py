@@ -1,10 +1,9 @@
-"""TensorBoard opens on what matters (``rlad_pl.training.tb_layout``): the custom-scalars overview written by real CLI runs
-matches the tags those runs log, ``hp_metric`` is the final ``val/all/mean@k`` (never Lightning's constant -1), and
+"""TensorBoard opens on what matters (``rlad_pl.training.tb_layout``): the custom-scalars overview written by real CLI
+runs matches the tags those runs log, ``hp_metric`` is the final ``val/all/mean@k`` (never Lightning's constant -1), and
 the real TensorBoard server's custom-scalars plugin serves the layout and finds data for every chart."""
 
 from __future__ import annotations
 
-import glob
 import re
 import shutil
 import sys
@@ -17,6 +16,7 @@ from conftest import CONFIGS, REPO, event_accumulators, run_cli, scalars
 
 sys.path.insert(0, str(REPO / "tools"))
 
+from rlad_pl.testing.runs import event_files, version_dirs  # noqa: E402
 from rlad_pl.training.tb_layout import IGNORED_TAGS, flat_params, overview_layout  # noqa: E402
 
 DEMO = str(CONFIGS / "demo.yaml")
@@ -55,8 +55,8 @@ def session_hparams(log_dir) -> dict:
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     found = {}
-    for f in glob.glob(str(Path(log_dir) / "**" / "events.out.tfevents.*"), recursive=True):
-        for ev in EventFileLoader(f).Load():
+    for f in event_files(log_dir):
+        for ev in EventFileLoader(str(f)).Load():
             for v in ev.summary.value:
                 if v.metadata.plugin_data.plugin_name == "hparams":
                     data = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
@@ -111,7 +111,7 @@ def demo_runs(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"tb_{method}")
             extra = ["--model.objectives", OBJECTIVES[method]] if OBJECTIVES[method] else []
             run_cli("fit", "--config", DEMO, *SMALL_DEMO, *extra, "--trainer.default_root_dir", str(root))
-            (done[method],) = glob.glob(str(root / "lightning_logs" / "version_*"))
+            (done[method],) = (str(p) for p in version_dirs(root))
         return done[method]
 
     return get
