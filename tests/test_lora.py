@@ -243,12 +243,11 @@ def test_resume_is_exact_through_the_cli(tmp_path):
     """2 epochs, then ``--ckpt_path last`` to 4 epochs == 4 epochs straight (merged exports bit for bit)."""
     from safetensors.torch import load_file
 
+    from rlad_pl.testing.runs import run_fit
+
     def fit(root, epochs, *extra):
-        cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", GRPO_LORA, "--trainer.max_epochs", str(epochs),
-               "--trainer.default_root_dir", str(root), "--data.prompts_per_rollout", "4", *QUIET, *extra]
-        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_fit(GRPO_LORA, {"trainer.max_epochs": epochs, "data.prompts_per_rollout": 4}, root,
+                extra=[*QUIET, *extra], env={"OMP_NUM_THREADS": "1"}, timeout=300)
 
     fit(tmp_path / "ref", 4)
     fit(tmp_path / "split", 2)
