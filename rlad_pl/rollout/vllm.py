@@ -9,16 +9,11 @@ checks in ``rlad_pl.rollout.vllm_lora``.
 
 1. ``setup`` writes the student's config and tokenizer (and, when its parameters are plain tensors, its weights, once)
    to a temporary directory and starts the engine on it. Sharded (DTensor) students start from dummy weights.
-2. ``sync_weights(model)`` pushes the current parameters in buckets of about ``sync_bucket_bytes``: one RPC opens a
-   layerwise reload session, one RPC per bucket loads it (``model.load_weights``, which handles vLLM's fused
-   ``qkv_proj`` / ``gate_up_proj`` layouts), one RPC finalizes it (re-running the kernel-format processing, e.g. the
-   CPU GEMM weight prepacking), then the prefix cache is reset so no KV computed with old weights is reused.
-   Tied embeddings are sent once (``named_parameters`` de-duplicates them; a stray ``lm_head.weight`` of a tied model
-   is skipped) and the tied ``lm_head`` kernel is refreshed after the session (vLLM's layerwise reload only
-   re-processes one owner of a tied tensor; on CPU the ``lm_head`` keeps a prepacked copy that would stay stale).
-   DTensor (FSDP2) parameters are gathered with ``full_tensor()`` for a whole bucket, on every rank in the same order,
-   before that bucket is sent; sends are rank-local (each rank feeds its own engine), so gathers never interleave
-   with a cross-rank transfer.
+2. ``sync_weights(model)`` pushes the current parameters in buckets of about ``sync_bucket_bytes`` through one
+   layerwise reload session in the engine (one RPC per bucket, ``model.load_weights`` handles vLLM's fused layouts;
+   the session's end re-runs the kernel-format processing and refreshes a tied ``lm_head``), then the prefix cache is
+   reset so no KV computed with old weights is reused. Tied embeddings are sent once; DTensor (FSDP2) parameters are
+   gathered a bucket at a time, on every rank in the same order (details: ``rlad_pl.rollout.vllm_sync``).
 3. ``generate`` asks for the sampled token's log-prob (``SamplingParams(logprobs=0)``).
 
 **Padded vocabularies.** When the engine's vocabulary (LM-head rows) exceeds the tokenizer's ``V = len(tokenizer)``,
@@ -90,7 +85,7 @@ from rlad_pl.rollout.vllm_lora import (
     check_engine_lora_modules,
     check_max_lora_rank,
 )
-from rlad_pl.rollout.vllm_sync import _is_dtensor, push_adapter, push_weights
+from rlad_pl.rollout.vllm_sync import _is_dtensor, named_weights, push_adapter, push_weights
 from rlad_pl.rollout.vllm_worker import _worker_install_logprob_hook, _worker_mask_padded_vocab
 
 log = logging.getLogger(__name__)
@@ -287,6 +282,10 @@ class VLLMSampler(Sampler):
             shutil.rmtree(self.model_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------- sync
+    def _named_weights(self, model: torch.nn.Module):
+        """The checkpoint-named tensors a sync sends (``rlad_pl.rollout.vllm_sync.named_weights``)."""
+        return named_weights(model, self._tied)
+
     def _sync_adapter(self, model: torch.nn.Module) -> tuple[int, int]:
         """Send the student's adapter (one RPC) under a fresh LoRA id; later requests carry its ``LoRARequest``.
         Returns ``(bytes, tensors)`` sent."""
