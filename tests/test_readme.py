@@ -56,9 +56,10 @@ FRAGMENT_BASES = {
     "rlad_pl.teacher.VLLMTeacher": "configs/trrd_tiny.yaml",
     "lora:": "configs/opsd_tiny.yaml",
 }
-#: makes any fit short; appended after the page's own arguments (the last value wins)
-SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.val_prompts", "4",
-         "--data.val_k", "2", "--data.pass_k", "[1, 2]", "--data.val_batch_prompts", "4"]
+#: makes any fit short; appended after the page's own arguments (the last value wins); one optimizer step per
+#: rollout batch, since 2 prompts may not split into a config's own number of steps
+SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.steps_per_rollout", "1",
+         "--data.val_prompts", "4", "--data.val_k", "2", "--data.pass_k", "[1, 2]", "--data.val_batch_prompts", "4"]
 #: commands checked with --print_config only: a GPU, or the real model (tools/build_real_model.py builds it once;
 #: tests/test_real_model.py trains it)
 CHECK_ONLY = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3|own_model_trrd|smollm2")
