@@ -26,11 +26,15 @@ from typing import Optional
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.models.compiled import check_compile
 
-#: Third-party warnings a user of rlad_pl cannot act on: ``(category, message regex)`` for
-#: ``warnings.filterwarnings`` (matched at the start of the message, ignoring case).
+#: Third-party warnings a user of rlad_pl cannot act on: ``(category, message regex[, module regex])`` for
+#: ``warnings.filterwarnings`` (the message regex matches at its start, ignoring case; the module is the one the
+#: warning is attributed to).
 QUIET_WARNINGS = (
     # torch >= 2.10 deprecates ``LeafSpec``, which Lightning's own ``utilities/_pytree.py`` still builds
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # LightningCLI's own calls of jsonargparse APIs deprecated in jsonargparse 4.49 (shown where deprecations are
+    # on, e.g. under pytest): scoped to warnings raised at a line of ``lightning/pytorch/cli.py``
+    (DeprecationWarning, r"", r"lightning\.pytorch\.cli$"),
     # the frozen teacher / reference model (and a LoRA student's base) stay in eval mode by design
     (Warning, r"Found \d+ module\(s\) in eval mode at the start of training"),
     # rollouts are sampled in the training process; the dataloader only hands out the prepared micro-batches
@@ -87,8 +91,8 @@ def quiet_startup() -> None:
     import logging
     import warnings
 
-    for category, message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, *module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module[0] if module else "")
     for name, patterns in QUIET_RECORDS.items():
         logger = logging.getLogger(name)  # the logger vLLM / Lightning will use (filters survive dictConfig)
         for f in [f for f in logger.filters if isinstance(f, _DropRecords)]:
@@ -261,7 +265,10 @@ def _one_line(err: BaseException) -> str:
     if bad_class and not bad_class.group(2).startswith(("Parser key", "Option ")):  # the class itself is unusable
         expected = _EXPECTED_CLASS.get(field, "an importable class")
         return f"{field}: cannot use class_path '{bad_class.group(1)}' ({bad_class.group(2).strip()}); expected {expected}"
-    where = f" (in {bad_class.group(1)})" if bad_class else ""
+    where = f" (in {bad_class.group(1)})" if bad_class and not _is_dataclass_path(bad_class.group(1)) else ""
+    choice = _literal_choice(chain)
+    if choice is not None:  # a typo in an enumerated option
+        return f"{field}: {choice}{where}"[:600] if field else choice[:600]
     for e in chain:  # a union type: name the alternatives and the value given
         sub = re.search(r"Subtypes: \[(.*)\]\s*\n", str(e))
         given = re.search(r"Given value: (.*)", str(e))
@@ -269,6 +276,8 @@ def _one_line(err: BaseException) -> str:
             kinds = re.sub(r"<class '([^']+)'>", r"\1", sub.group(1)).replace("NoneType", "null")
             value = given.group(1).split(". Got value:")[0].strip()
             nested = re.match(r"NestedArg\(key='([^']+)', val='(.*)'\)$", value)
+            if nested and field.endswith("." + nested.group(1)):
+                break  # the nested value itself was parsed (a dataclass field) and is wrong: see below
             if nested:  # ``--data.sampler.init_args.batch_size 0`` where the config leaves data.sampler null
                 key, val = nested.groups()
                 default = f" (the default is {_DEFAULT_CLASS[field]})" if field in _DEFAULT_CLASS else ""
@@ -288,6 +297,60 @@ def _one_line(err: BaseException) -> str:
 def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _is_dataclass_path(path: str) -> bool:
+    """Whether ``path`` (a class path in a parser message) names an imported dataclass, such as ``PromptFormat`` or
+    ``SamplingParams``: the user set its fields, not a class, so the message need not name it."""
+    import dataclasses
+
+    module, _, name = path.rpartition(".")
+    return dataclasses.is_dataclass(getattr(sys.modules.get(module), name, None))
+
+
+def _literal_values(text: str) -> Optional[list]:
+    """``typing.Literal['a', 'b']`` -> ``['a', 'b']``; None when it does not parse."""
+    import ast
+
+    inner = re.fullmatch(r"\s*typing\.Literal\[(.*)\]\s*", text, re.S)
+    if inner is None:
+        return None
+    try:
+        return list(ast.literal_eval(f"[{inner.group(1)}]"))
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _literal_choice(chain: list[BaseException]) -> Optional[str]:
+    """``expected one of a, b, c, got 'x'`` (and the closest allowed value) when the parser refused a value of a
+    ``Literal`` option, or of a union of ``Literal``s and None (``trainer.precision``); else None."""
+    import difflib
+
+    values = given = None
+    for e in chain:  # a union of Literals (its members' own errors are further in)
+        text = str(e)
+        sub = re.search(r"Subtypes: \[(.*)\]\s*\n", text)
+        value = re.search(r"Given value: ([^\n]*)", text)
+        if "Does not validate against any of the Union subtypes" in text and sub and value:
+            parts = re.findall(r"typing\.Literal\[[^\[\]]*\]", sub.group(1))
+            rest = re.sub(r"typing\.Literal\[[^\[\]]*\]|<class 'NoneType'>|NoneType|[,\s]", "", sub.group(1))
+            parsed = [_literal_values(p) for p in parts]
+            if parts and not rest and all(p is not None for p in parsed):
+                values = [v for p in parsed for v in p] + ([None] if "NoneType" in sub.group(1) else [])
+                given = value.group(1).split(". Got value:")[0].strip()
+                break
+    for e in reversed(chain if values is None else []):  # one Literal: the innermost error names it
+        single = re.search(r"Expected a (typing\.Literal\[[^\n]*\])\. Got value: ([^\n]*)", str(e))
+        if single and _literal_values(single.group(1)) is not None:
+            values, given = _literal_values(single.group(1)), single.group(2).strip()
+            break
+    if values is None or given.startswith("NestedArg("):
+        return None
+    names = list(dict.fromkeys("null" if v is None else str(v) for v in values))
+    shown = given if re.fullmatch(r"-?\d+(\.\d*)?", given) else repr(given.strip("'\""))
+    close = difflib.get_close_matches(given.strip("'\""), names, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"expected one of {', '.join(names)}, got {shown}{hint}"
 
 
 def _chain(err: BaseException):
