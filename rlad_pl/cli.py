@@ -163,12 +163,28 @@ def _cli_class(state: dict):
                         found |= set(cb._find_last_checkpoints(self.trainer))
                 if found:
                     check_resume(max(found, key=os.path.getmtime), cfg.get("model"))
+                else:  # instead of Lightning's hint to set ModelCheckpoint(save_last=True): rlad_pl already does
+                    if self.trainer.is_global_zero:
+                        print(f"rlad_pl: warning: ckpt_path: {_nothing_to_resume(self.trainer)}", file=sys.stderr)
+                    self.config_init[subcommand]["ckpt_path"] = None
             if getattr(self.model, "compiled", False):  # before the logger writes anything
                 check_compile(self.trainer.strategy.root_device, type(self.trainer.strategy).__name__)
             state["started"] = True
             super()._run_subcommand(subcommand)
 
     return RLADCLI
+
+
+def _nothing_to_resume(trainer) -> str:
+    """The line for ``--ckpt_path last`` when no ``last.ckpt`` exists: where the checkpoint callbacks looked."""
+    places = []
+    for cb in trainer.checkpoint_callbacks:
+        pattern = cb.last_checkpoint_pattern(trainer) if hasattr(cb, "last_checkpoint_pattern") else None
+        places += [pattern] if pattern else [os.path.join(str(cb.dirpath or "<log_dir>/checkpoints"), "last.ckpt")]
+    if not places:
+        return ("'last', but checkpointing is off (trainer.enable_checkpointing: false), so there is no last.ckpt "
+                "to resume; starting a fresh run")
+    return f"'last', but no last.ckpt found (looked for {', '.join(dict.fromkeys(places))}); starting a fresh run"
 
 
 def check_resume(ckpt_path: Optional[str], model_cfg) -> None:

@@ -109,3 +109,48 @@ def test_lightning_advertising_tips_are_dropped_at_their_logger(tmp_path):
     assert _tips(tmp_path / "b") == []
     # other lines of the same logger still pass
     assert _DropRecords(["x"]).filter(logging.makeLogRecord({"msg": "GPU available: False, used: False"}))
+
+
+# ----------------------------------------------------------------------------------------------- --ckpt_path last
+GRPO_TINY = str(CONFIGS / "grpo_tiny.yaml")
+
+
+def _fit_in_process(capsys, root, *extra):
+    """A 1-epoch tiny fit through the CLI in this process: (trainer, stderr lines, warning messages)."""
+    import warnings
+
+    from conftest import run_cli
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli("fit", "--config", GRPO_TINY, "--trainer.max_epochs", "1", "--trainer.default_root_dir",
+                      str(root), "--export.enabled", "false", "--trainer.enable_progress_bar", "false",
+                      "--trainer.enable_model_summary", "false", *extra)
+    return cli.trainer, capsys.readouterr().err.splitlines(), [str(w.message) for w in caught]
+
+
+def test_ckpt_path_last_with_nothing_to_resume_says_so_and_starts_fresh(capsys, tmp_path):
+    root = tmp_path / "runs"
+    trainer, err, warned = _fit_in_process(capsys, root, "--ckpt_path", "last")
+    pattern = str(root / "lightning_logs" / "*" / "checkpoints" / "last.ckpt")
+    lines = [ln for ln in err if ln.startswith("rlad_pl: warning: ckpt_path")]
+    assert lines == [f"rlad_pl: warning: ckpt_path: 'last', but no last.ckpt found (looked for {pattern}); "
+                     "starting a fresh run"], err
+    assert not [w for w in warned if "save_last" in w or "no last checkpoint" in w], warned  # Lightning's hint
+    assert trainer.global_step == 1 and trainer.current_epoch == 1  # trained from scratch
+    assert (root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    # the next run finds that file and resumes from it, without the line
+    trainer, err, _ = _fit_in_process(capsys, root, "--ckpt_path", "last", "--trainer.max_epochs", "2")
+    assert not [ln for ln in err if ln.startswith("rlad_pl: warning: ckpt_path")], err
+    assert trainer.global_step == 2
+
+
+def test_ckpt_path_last_with_checkpointing_off_says_so(capsys, tmp_path):
+    trainer, err, warned = _fit_in_process(capsys, tmp_path / "runs", "--ckpt_path", "last",
+                                           "--trainer.enable_checkpointing", "false")
+    assert [ln for ln in err if ln.startswith("rlad_pl: warning: ckpt_path")] == [
+        "rlad_pl: warning: ckpt_path: 'last', but checkpointing is off (trainer.enable_checkpointing: false), so "
+        "there is no last.ckpt to resume; starting a fresh run"], err
+    assert not [w for w in warned if "save_last" in w], warned
+    assert trainer.global_step == 1

@@ -258,18 +258,31 @@ class RolloutCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
     # ------------------------------------------------------------------------------------- resume
-    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        found = set(super()._find_last_checkpoints(trainer))
+    def last_checkpoint_pattern(self, trainer: L.Trainer) -> Optional[str]:
+        """Where ``--ckpt_path last`` looks beyond this run's own folder, ``*`` standing for the version folder:
+        ``<save_dir>/<name>/*/checkpoints/last.ckpt`` with a logger, else
+        ``<default_root_dir>/checkpoints/last.ckpt``; None when ``dirpath`` was given (only that folder counts)."""
+        where = self._last_search(trainer)
+        return None if where is None else os.path.join(*where)
+
+    def _last_search(self, trainer: L.Trainer) -> Optional[tuple[str, ...]]:
+        """``(folder, *glob parts)`` of ``last_checkpoint_pattern`` (the folder is a literal path, not a glob)."""
         if self._user_dirpath:
-            return found
+            return None
+        name = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
         if trainer.loggers:
             logger = trainer.loggers[0]
             root = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name))
-            pattern = os.path.join(glob.escape(root), "*", "checkpoints", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        else:
-            pattern = os.path.join(glob.escape(str(trainer.default_root_dir)), "checkpoints",
-                                   self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        return found | {os.path.normpath(p) for p in glob.glob(pattern)}
+            return root, "*", "checkpoints", name
+        return str(trainer.default_root_dir), "checkpoints", name
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        found = set(super()._find_last_checkpoints(trainer))
+        where = self._last_search(trainer)
+        if where is None:
+            return found
+        folder, *parts = where
+        return found | {os.path.normpath(p) for p in glob.glob(os.path.join(glob.escape(folder), *parts))}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # a resumed run writes to its own version folder: keep this run's paths, without the dirpath warning
