@@ -291,7 +291,45 @@ class DatasetTask(Task):
             except Exception as e:
                 raise ConfigError(f"{self.field}.path", f"'{self.path}' split '{split}' column '{col}' holds "
                                   f"invalid data ({_reason(e)}); re-encode it as UTF-8") from None
+        self._check_rows(ds, split)
         return ds
+
+    def _check_rows(self, ds, split: str) -> None:
+        """Every row has a text prompt and an answer: a null in a column the prompt (field or template) or the
+        answer reads, or a prompt column that is not text, is one ``ConfigError`` naming the first such row, checked
+        on the Arrow columns when the split is loaded (``_problem`` would otherwise train on ``"None"``)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if getattr(ds, "_indices", None) is not None:
+            ds = ds.flatten_indices()
+        table = ds.data.table
+        prompt_cols = ([self.prompt_field] if self.prompt_template is None else
+                       template_fields(self.prompt_template, f"{self.field}.prompt_template"))
+        for col, role in [(c, "prompt") for c in dict.fromkeys(prompt_cols)] + [(self.answer_field, "answer")]:
+            column = table.column(col)
+            if column.null_count:
+                i = pc.index(pc.is_null(column), True).as_py()
+                raise ConfigError(f"{self.field}.path", f"{self._row(split, i)}: '{col}' is null (or missing); "
+                                  f"every row needs a{'n' if role == 'answer' else ''} {role}")
+        if self.prompt_template is None:
+            kind = table.column(self.prompt_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                    or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+                value = table.column(self.prompt_field)[0].as_py()
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise ConfigError(f"{self.field}.path", f"{self._row(split, 0)}: '{self.prompt_field}' is {kind} "
+                                  f"{shown}, not text; a prompt must be a string (or build it with prompt_template)")
+
+    def _row(self, split: str, i: int) -> str:
+        """``'<path>' split '<split>' row <i>``, with the line number of a local ``.jsonl`` file."""
+        where = f"'{self.path}' split '{split}' row {i}"
+        p = Path(self.path).expanduser()
+        if p.is_file() and p.suffix.lower() == ".jsonl":
+            lines = [n for n, _ in json_lines(p, f"{self.field}.path")]
+            if i < len(lines):
+                where = f"{p}:{lines[i]} (split '{split}' row {i})"
+        return where
 
     def _check_columns(self, ds) -> list[str]:
         """The columns the field mapping reads (each must exist: else an error listing the available ones)."""

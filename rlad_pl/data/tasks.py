@@ -65,6 +65,33 @@ def format_template(template: str, values: dict[str, Any], field: str, where: st
                           "double literal braces as {{ }}") from None
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_row(row: Any, field: str, where: str, prompt_key: Optional[str], answer_key: str) -> None:
+    """A data row must be an object holding a text prompt (``prompt_key``; None when a template builds it) and an
+    answer that is not null, else one ``ConfigError`` naming ``field``, the row (``where``: ``file:line`` or
+    ``split row i``) and the key, instead of training on ``"None"`` or on ``str()`` of a number or a list."""
+    keys = [k for k in (prompt_key, answer_key) if k is not None]
+    want = " and ".join(f"'{k}'" for k in keys)
+    if not isinstance(row, dict):
+        raise ConfigError(field, f"{where}: expected an object with fields {want}, got {type(row).__name__} "
+                          f"{_short(row)}")
+    for key in keys:
+        role = "a prompt" if key == prompt_key else "an answer"
+        if key not in row:
+            raise ConfigError(field, f"{where}: expected an object with fields {want}; it has no '{key}' (its "
+                              f"fields: {', '.join(map(str, row)) or 'none'}), and every row needs {role}")
+        if row[key] is None:
+            raise ConfigError(field, f"{where}: '{key}' is null; every row needs {role}")
+    if prompt_key is not None and not isinstance(row[prompt_key], str):
+        raise ConfigError(field, f"{where}: '{prompt_key}' is {type(row[prompt_key]).__name__} "
+                          f"{_short(row[prompt_key])}, not text; a prompt must be a string (or build it with "
+                          "prompt_template)")
+
+
 def read_utf8(path: Path, field: str) -> str:
     """The text of a data file; a byte that is not UTF-8 is one ``ConfigError`` naming the file and line (``datasets``
     would fail late, on first access, with a raw traceback)."""
@@ -220,9 +247,8 @@ class JSONLTask(Task):
         prompt_f, answer_f, diff_f, priv_f, sol_f = self.fields
         out = []
         for lineno, row in json_lines(p, f"{self.field}.{name}"):
-            if not isinstance(row, dict) or prompt_f not in row or answer_f not in row:
-                raise ConfigError(f"{self.field}.{name}", f"{path}:{lineno}: expected an object with fields "
-                                  f"'{prompt_f}' and '{answer_f}'")
+            check_row(row, f"{self.field}.{name}", f"{path}:{lineno}",
+                      prompt_f if self.prompt_template is None else None, answer_f)
             prompt = (format_template(self.prompt_template, row, f"{self.field}.prompt_template", f"{path}:{lineno}")
                       if self.prompt_template else str(row[prompt_f]))
             out.append(Problem(prompt=prompt, answer=str(row[answer_f]),
