@@ -163,6 +163,7 @@ class DatasetTask(Task):
         self._load_args = dict(data_files=data_files, revision=revision, cache_dir=cache_dir, **(load_kwargs or {}))
 
         train = self._split(split, "split")
+        self.source_tag = self._source_tag(train)
         rng = random.Random(seed)
         labels = self._labels(train)
         n = len(labels)
@@ -217,6 +218,20 @@ class DatasetTask(Task):
         if p.suffix.lower() in BUILDERS or self.path.startswith((".", "/", "~")):
             raise ConfigError(f"{f}.path", f"no such file or folder '{self.path}'")
         return self._call(datasets.load_dataset, self.path, split, key, {"name": self.name, **args})
+
+    def _source_tag(self, ds) -> str:
+        """``org/name@<commit>`` for a hub dataset: the commit ``datasets`` resolved (online) or found in its cache
+        (offline), which names the dataset's cache folder (``<cache>/org___name/<config>/<version>/<commit>``). Local
+        files, folders and builders keep their path (``@revision`` when one was asked for and no commit is known)."""
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+        if Path(self.path).expanduser().exists() or self.path in _PACKAGED_DATASETS_MODULES:
+            return self.path
+        files = [f.get("filename") for f in (getattr(ds, "cache_files", None) or []) if f.get("filename")]
+        commit = Path(files[0]).parent.name if files else ""
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return f"{self.path}@{commit}"
+        return self.path + (f"@{self.revision}" if self.revision else "")
 
     def _check_data_files(self, data_files: Optional[DataFiles]) -> None:
         if data_files is None:

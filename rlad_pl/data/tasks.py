@@ -44,6 +44,9 @@ class Task:
     #: problems are prepared during this one's update: ``RolloutDataModule``). Set it on a task whose
     #: ``problems`` is a pure function of its arguments and safe beside ``verify`` / other splits; off by default.
     prefetch_safe = False
+    #: exactly which data the problems come from, recorded with the run (``sources/dataset``): e.g.
+    #: ``org/name@<commit>`` for a hub dataset; None when there is nothing to pin (generated problems)
+    source_tag: Optional[str] = None
 
     def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
         raise NotImplementedError
@@ -174,6 +177,8 @@ class ReasoningGymTask(Task):
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"{self.field}.config", f"invalid config for '{dataset}': {e}") from None
         self._rg = reasoning_gym
+        version = getattr(reasoning_gym, "__version__", None)  # the generator's code is the data
+        self.source_tag = f"reasoning_gym/{dataset}" + (f"@{version}" if version else "")
         self.problems("val", 1)  # a template naming a missing field fails here, not at the first rollout
 
     def _dataset(self, split: Split):

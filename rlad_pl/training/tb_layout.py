@@ -12,6 +12,11 @@ into alphabetical groups. ``TensorBoardOverview`` (registered by the CLI as ``--
 * **hp_metric.** Lightning's ``-1`` placeholder is switched off; at the end of ``fit`` the run's hyperparameters
   (the CLI config: ``model.*``, ``data.*``, seed, epochs) are written to the HPARAMS tab with
   ``hp_metric`` = the last logged ``val/all/mean@k``. A run that never validated gets no ``hp_metric``.
+* **Sources.** What the run trained on, exactly (``run_sources``): the student, teacher and tokenizer as loaded
+  (``org/name@<commit>`` for hub ids, the folder otherwise: the module's ``model_tags``) and the dataset
+  (``org/name@<commit>`` for a hub dataset: the task's ``source_tag``). They are recorded as ``sources`` in every
+  logger's hyperparameters (the run's ``hparams.yaml``), under ``sources/*`` in the HPARAMS tab, and as
+  ``hyper_parameters["sources"]`` in every checkpoint.
 """
 
 from __future__ import annotations
@@ -114,19 +119,32 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_sources(trainer: L.Trainer, pl_module) -> dict[str, str]:
+    """Exactly what the run trains on: ``{"student": "org/name@<commit>", "teacher": ..., "tokenizer": ...,
+    "dataset": ...}`` from the module's ``model_tags`` (hub ids at their resolved commit, local folders as given)
+    and the data module's ``task.source_tag``; entries that do not apply (no teacher, a generated task) are left
+    out."""
+    sources = {str(k): str(v) for k, v in (getattr(pl_module, "model_tags", None) or {}).items() if v}
+    task = getattr(getattr(trainer, "datamodule", None), "task", None)
+    if getattr(task, "source_tag", None):
+        sources["dataset"] = str(task.source_tag)
+    return sources
+
+
 def run_hyperparameters(trainer: L.Trainer, pl_module) -> dict[str, Any]:
     """The run's hyperparameters for the HPARAMS tab: the CLI config's ``model``, ``data`` and ``seed_everything``
     plus ``trainer/max_epochs`` / ``max_steps`` (from ``SaveConfigCallback``); without the CLI, the module's
-    ``hparams_initial``."""
+    ``hparams_initial``. Either way with ``sources/*`` (``run_sources``)."""
     from lightning.pytorch.cli import SaveConfigCallback
 
+    sources = flat_params({"sources": run_sources(trainer, pl_module)})
     for cb in trainer.callbacks:
         if isinstance(cb, SaveConfigCallback):
             cfg = cb.config.as_dict() if hasattr(cb.config, "as_dict") else dict(cb.config)
             picked = {k: cfg[k] for k in ("seed_everything", "model", "data") if k in cfg}
             picked["trainer"] = {k: cfg.get("trainer", {}).get(k) for k in ("max_epochs", "max_steps")}
-            return flat_params(picked)
-    return flat_params(dict(pl_module.hparams_initial))
+            return {**flat_params(picked), **sources}
+    return {**flat_params(dict(pl_module.hparams_initial)), **sources}
 
 
 def _tensorboard_loggers(trainer: L.Trainer) -> list:
@@ -155,6 +173,16 @@ class TensorBoardOverview(L.Callback):
         for lg in _tensorboard_loggers(trainer):
             lg._default_hp_metric = False
         self.written_layout, self.final_val, self.tags = None, None, set()
+        # before Trainer._log_hyperparams merges the module's hyperparameters and writes hparams.yaml
+        sources = run_sources(trainer, pl_module)
+        if sources:
+            for lg in trainer.loggers:
+                lg.log_hyperparams({"sources": sources})
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        sources = run_sources(trainer, pl_module)
+        if sources:  # a new dict: the module's own hparams stay as they are
+            checkpoint["hyper_parameters"] = {**(checkpoint.get("hyper_parameters") or {}), "sources": sources}
 
     def _write_layout(self, trainer: L.Trainer, pl_module, predict_eval: bool = True) -> None:
         """(Re)write the layout when the tags seen so far give a different one than the last written.
