@@ -67,10 +67,11 @@ def test_dataset_task_records_the_commit_of_a_hub_dataset(tmp_path, offline_data
 def test_generated_tasks_record_their_generator(tmp_path):
     import reasoning_gym
 
-    from rlad_pl.data import CharFrequencyTask, ReasoningGymTask
+    from rlad_pl.data import ChainSumTask, CharFrequencyTask, ReasoningGymTask
 
     assert CharFrequencyTask().source_tag is None
     assert ReasoningGymTask("chain_sum").source_tag == f"reasoning_gym/chain_sum@{reasoning_gym.__version__}"
+    assert ChainSumTask().source_tag == f"reasoning_gym/chain_sum@{reasoning_gym.__version__}"
 
 
 def _tb_hparams(log_dir: Path) -> dict[str, str]:

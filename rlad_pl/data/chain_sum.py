@@ -74,6 +74,14 @@ class ChainSumTask(Task):
         self.levels = [(t, d) for t in range(min_terms, max_terms + 1) for d in range(min_digits, max_digits + 1)]
         self._datasets: dict[Any, Any] = {}
 
+    @property
+    def source_tag(self) -> str:
+        """The generator of the problems (recorded with the run): reasoning-gym's ``chain_sum`` at its version."""
+        import reasoning_gym
+
+        version = getattr(reasoning_gym, "__version__", None)
+        return "reasoning_gym/chain_sum" + (f"@{version}" if version else "")
+
     @staticmethod
     def level_name(num_terms: int, num_digits: int) -> str:
         return f"{num_terms}t{num_digits}d"
