@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rlad_pl.models.compiled import backbone
+from rlad_pl.core.backbone import backbone
 
 
 def _head_chunk(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,

@@ -17,37 +17,28 @@ reductions: losses and gradients agree with the eager ones to about 1e-5 (relati
 from __future__ import annotations
 
 import shutil
-import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from rlad_pl.core.backbone import backbone, has_registered_backbone, register_backbone  # noqa: F401
 from rlad_pl.core.errors import ConfigError
-
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
-
-
-def backbone(model: torch.nn.Module) -> Callable:
-    """The callable that computes ``model``'s final hidden states: its compiled backbone when ``compile_backbone``
-    registered one, else the eager backbone module (``model.<base_model_prefix>``)."""
-    fn = _COMPILED.get(model)
-    return fn if fn is not None else getattr(model, model.base_model_prefix)
 
 
 def compile_backbone(model: Optional[torch.nn.Module]) -> None:
     """Register ``torch.compile(backbone, dynamic=True)`` for ``model`` (None / non-modules: nothing)."""
-    if isinstance(model, torch.nn.Module) and model not in _COMPILED:
+    if isinstance(model, torch.nn.Module) and not has_registered_backbone(model):
         graph = torch.compile(getattr(model, model.base_model_prefix), dynamic=True)
 
         def run(input_ids, attention_mask, **kwargs):
             # fresh contiguous inputs: a sliced view's storage offset / strides would each trigger a recompile
             return graph(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(), **kwargs)
 
-        _COMPILED[model] = run
+        register_backbone(model, run)
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
-    return model in _COMPILED
+    return has_registered_backbone(model)
 
 
 def check_compile(device: torch.device, strategy: str) -> None:

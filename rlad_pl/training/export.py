@@ -54,10 +54,10 @@ class HFExport(L.Callback):
                 check_writable(out, "export.dirpath")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        from rlad_pl.training.checkpointing import RolloutCheckpoint
-
-        for cb in trainer.checkpoint_callbacks:  # checkpoint first: a failing export must not lose training
-            if isinstance(cb, RolloutCheckpoint):
+        # checkpoint first: a failing export must not lose training (a RolloutCheckpoint writes last.ckpt here;
+        # recognised by its ``write_last`` so that this file does not import checkpointing.py, which imports it)
+        for cb in trainer.checkpoint_callbacks:
+            if callable(getattr(cb, "write_last", None)):
                 cb.on_train_end(trainer, pl_module)
         self.export(trainer, pl_module)
 
@@ -68,10 +68,8 @@ class HFExport(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         # Ctrl-C: export here only when no RolloutCheckpoint does it (after its checkpoint)
-        from rlad_pl.training.checkpointing import RolloutCheckpoint
-
         if isinstance(exception, KeyboardInterrupt) and not any(
-                isinstance(cb, RolloutCheckpoint) and cb.save_on_interrupt for cb in trainer.callbacks):
+                getattr(cb, "save_on_interrupt", False) for cb in trainer.callbacks):
             self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module) -> None:

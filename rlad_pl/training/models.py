@@ -85,3 +85,14 @@ def load_models(plan: ObjectivePlan, *, student: str, teacher: Optional[str], to
             "teacher": teacher_src.tag if teacher_src else None}
     return Models(tok, student_model, backend, teacher_model, reference, lora_student, tags,
                   shared_vocab_size(tok, student_model, *frozen))
+
+
+def shard_models(models, mesh, mixed_precision: Optional[str]) -> None:
+    """FSDP2-shard each model (each transformer block, then the root with the embeddings and tied LM head) over the
+    strategy's device mesh; a LoRA student's base view is sharded with the student (not a module: skipped)."""
+    from rlad_pl.models.distributed import fsdp_mesh, mixed_precision_policy, shard_model
+
+    mesh, policy = fsdp_mesh(mesh), mixed_precision_policy(mixed_precision)
+    for m in models:
+        if isinstance(m, torch.nn.Module):
+            shard_model(m, mesh, policy)

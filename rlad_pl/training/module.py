@@ -32,7 +32,7 @@ from rlad_pl.pipeline import Annotator, Policy, RolloutSettings
 from rlad_pl.teacher import TeacherScorer
 from rlad_pl.training.checkpointing import defer_sigint
 from rlad_pl.training.hooks import EvaluationHooks
-from rlad_pl.training.models import load_models
+from rlad_pl.training.models import load_models, shard_models
 from rlad_pl.training.module_checks import check_groups, check_optimizer, check_settings
 from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.training.step_guard import StepGuard
@@ -139,11 +139,6 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
 
             self.register_state_dict_post_hook(drop_frozen_student_keys)
 
-    @property
-    def requires(self) -> frozenset[str]:
-        """The inputs the objectives' plan asks for (``self.plan.inputs``)."""
-        return self.plan.inputs
-
     # ------------------------------------------------------------------------------------------ the link
     def configure_rollouts(self, settings: RolloutSettings, pass_k: list[int], buckets: Optional[list[str]]) -> None:
         """The data side's settings, handed over once before ``setup`` (``RolloutLink``): group objectives are
@@ -172,17 +167,9 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         return [RolloutLink()]
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (each transformer block, then
-        the root with the embeddings and tied LM head) over the strategy's device mesh. Other strategies: no-op."""
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        from rlad_pl.models.distributed import fsdp_mesh, mixed_precision_policy, shard_model
-
-        mesh, policy = fsdp_mesh(mesh), mixed_precision_policy(self.fsdp_mixed_precision)
-        for m in (self.student, self.teacher, self.reference):
-            if isinstance(m, torch.nn.Module):  # a LoRA student's base view is sharded with the student
-                shard_model(m, mesh, policy)
+        """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (``shard_models``)."""
+        if self.device_mesh is not None:
+            shard_models((self.student, self.teacher, self.reference), self.device_mesh, self.fsdp_mixed_precision)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -218,18 +205,18 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         hidden = root_call(self.student, response_hidden, self.student, batch.input_ids, batch.attention_mask,
                            batch.prompt_len)
         head = self.student.get_output_embeddings()
-        want_entropy = ENTROPY in self.requires or self.log_entropy
+        want_entropy = ENTROPY in self.plan.inputs or self.log_entropy
         logp, ent = chunked_token_logprobs(hidden, head.weight, batch.response_ids, bias=getattr(head, "bias", None),
                                            temperature=self.temperature, chunk_size=self.chunk_size,
                                            with_entropy=want_entropy, vocab_size=self.vocab_size)
         out = StudentOutputs(logprobs=logp, entropy=ent, vocab_size=self.vocab_size, temperature=self.temperature,
                              step=self.global_step if self._trainer is not None else 0)
-        if STUDENT_HIDDEN in self.requires:
+        if STUDENT_HIDDEN in self.plan.inputs:
             out.hidden, out.lm_head = hidden, head
-        if TEACHER_HIDDEN in self.requires:
+        if TEACHER_HIDDEN in self.plan.inputs:
             out.teacher_hidden, out.teacher_lm_head = self.teacher_backend.hidden(batch)
-        if TEACHER_TOPK in self.requires:  # the largest teacher_top_k asked for; each objective truncates its own
-            out.teacher_topk = self.teacher_backend.topk(batch, k=requested_top_k(self.objectives),
+        if TEACHER_TOPK in self.plan.inputs:  # the largest teacher_top_k asked for; each objective truncates its own
+            out.teacher_topk = self.teacher_backend.topk(batch, k=self.plan.top_k,
                                                          temperature=self.temperature, chunk_size=self.chunk_size,
                                                          vocab_size=self.vocab_size)
         return out
