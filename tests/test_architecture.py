@@ -2,7 +2,7 @@
 
 * no circle between modules of ``rlad_pl/``;
 * arrows run one way down the layers: cli -> training -> pipeline -> teacher -> rollout -> objectives / data ->
-  models -> core (``testing`` sits beside the runtime and may use anything below ``training``);
+  models -> core (``testing`` sits on top, for tests and tools: it may use anything, nothing at runtime uses it);
 * the rollout pipeline and the data side import no Lightning, and never name the module or the trainer's module;
   the module never names the data module;
 * ``DistillationModule`` is under 300 lines and no file of ``rlad_pl/`` is over 500.
@@ -18,7 +18,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "rlad_pl"
 #: layer of each top-level part of the package: an import may only point to the same part or a lower layer
 LAYERS = {"cli": 8, "__main__": 9, "training": 7, "pipeline": 6, "teacher": 5, "rollout": 4, "objectives": 3,
-          "data": 3, "models": 2, "core": 1, "__init__": 0, "testing": 6}
+          "data": 3, "models": 2, "core": 1, "__init__": 0, "testing": 10}
 
 
 def module_name(path: Path) -> str:

@@ -9,9 +9,9 @@ import torch
 from conftest import CONFIGS, run_cli, scalars
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.models.compiled import backbone, is_compiled
-from rlad_pl.training.module import DistillationModule
 from rlad_pl.objectives import KDRL, OPDFullVocab
 from rlad_pl.objectives.base import Denominators
+from rlad_pl.training.module import DistillationModule
 
 
 def _module(compile: bool) -> DistillationModule:
@@ -38,8 +38,8 @@ def _batch(vocab: int) -> RolloutBatch:
 
 def _loss_and_grads(m: DistillationModule, batch: RolloutBatch):
     with torch.no_grad():
-        batch.old_logprobs = m._logprobs(m.student, batch)  # a no-grad pass too (its own compiled graph)
-        batch.teacher_logprobs = m._teacher_logprobs(batch)
+        batch.old_logprobs = m.annotator().logprobs(m.student, batch)  # a no-grad pass too (its own compiled graph)
+        batch.teacher_logprobs = m.annotator().teacher_logprobs(batch)
     loss, _, _ = m.compute_loss(batch, Denominators.of(batch.response_mask))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in m.student.named_parameters() if p.grad is not None}

@@ -7,9 +7,9 @@ import torch
 
 from rlad_pl.core.batch import RolloutBatch, StepBatch, build_sequences, position_ids_from_mask
 from rlad_pl.core.logprobs import chunked_token_logprobs, response_logprobs
-from rlad_pl.training.module import DistillationModule
 from rlad_pl.objectives import GRPO
 from rlad_pl.objectives.base import Denominators
+from rlad_pl.training.module import DistillationModule
 
 
 def test_build_sequences_layout():
@@ -72,7 +72,7 @@ def test_gradient_independent_of_micro_batch_split(tiny_dir, agg):
     module = DistillationModule(student=str(tiny_dir), objectives=[GRPO()], loss_agg=agg)
     batch = _rollout()
     with torch.no_grad():
-        batch.old_logprobs = module._logprobs(module.student, batch) + 0.05 * torch.randn(batch.response_mask.shape)
+        batch.old_logprobs = module.annotator().logprobs(module.student, batch) + 0.05 * torch.randn(batch.response_mask.shape)
     grads = []
     for mbs in (6, 2, 1):
         step = StepBatch(batch.split(mbs))

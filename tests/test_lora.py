@@ -24,8 +24,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def _module(objective=None, lora=LORA, **kw):
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
+    from rlad_pl.training.module import DistillationModule
 
     return DistillationModule(student=TINY, objectives=[objective or GRPO()], lora=lora, **kw)
 
@@ -115,10 +115,10 @@ def test_optimizer_sees_only_the_adapters():
 
 def test_adapters_off_teacher_is_the_initial_model_and_saves_one_model_of_memory():
     from rlad_pl.core.logprobs import response_logprobs
-    from rlad_pl.models.lora import BaseModelView, param_bytes
     from rlad_pl.models.loading import load_causal_lm
+    from rlad_pl.models.lora import BaseModelView, param_bytes
+    from rlad_pl.objectives import GRPO, OPSD
     from rlad_pl.training.module import DistillationModule
-    from rlad_pl.objectives import OPSD, GRPO
 
     lora_m = DistillationModule(student=TINY, teacher=TINY, objectives=[OPSD()], lora=LORA)
     full_m = DistillationModule(student=TINY, teacher=TINY, objectives=[OPSD()])
@@ -127,8 +127,8 @@ def test_adapters_off_teacher_is_the_initial_model_and_saves_one_model_of_memory
     initial = load_causal_lm(TINY, "model.student", trainable=False)
     ids, mask, P, rmask = _batch(lora_m.tokenizer)
     with torch.no_grad():
-        teacher = lora_m._logprobs(lora_m.teacher, _rollout(ids, mask, P, rmask))
-        student = lora_m._logprobs(lora_m.student, _rollout(ids, mask, P, rmask))
+        teacher = lora_m.annotator().logprobs(lora_m.teacher, _rollout(ids, mask, P, rmask))
+        student = lora_m.annotator().logprobs(lora_m.student, _rollout(ids, mask, P, rmask))
         ref, _ = response_logprobs(initial, ids, mask, P)
     assert (teacher - ref).abs().max().item() <= 1e-6
     assert (student - ref).abs().max().item() > 1e-2  # the adapters are on for the student ...
@@ -296,11 +296,11 @@ def test_vllm_sync_of_merged_weights_then_greedy_matches_hf(tmp_path):
     import time
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from rlad_pl.models.lora import apply_lora, param_bytes
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
-    from rlad_pl.testing.builders import save_tiny_model
+    from rlad_pl.models.lora import apply_lora, param_bytes
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
+    from rlad_pl.testing.builders import save_tiny_model
 
     path = save_tiny_model(tmp_path / "student", seed=0, hidden_size=32, num_layers=2, num_heads=1,
                            intermediate_size=64, max_positions=256)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.data import ExactMatchReward, FormatAnswerReward, JSONLTask, Problem, ReasoningGymTask
 from rlad_pl.data.tasks import extract_answer
-from rlad_pl.core.errors import ConfigError
 
 
 def test_reasoning_gym_splits_difficulty_and_verifier():
@@ -77,8 +77,8 @@ def test_extract_answer_and_rewards():
 
 
 def test_encode_prompt_chat_template_and_bos():
-    from rlad_pl.training.datamodule import encode_prompt
     from rlad_pl.testing.builders import build_char_tokenizer
+    from rlad_pl.data.prompts import encode_prompt
 
     tok = build_char_tokenizer()
     ids = encode_prompt(tok, "12+3=")

@@ -1,4 +1,4 @@
-"""Group-normalized advantages (GRPO, spec rlad-trrd.md section 2).
+"""Group-normalized advantages (GRPO; docs/methods/grpo.md).
 
     mu = mean_i r_i,  sigma = sqrt(mean_i (r_i - mu)^2)       (population std over the G responses of one prompt)
     A_i = (r_i - mu) / (sigma + eps)     if scale_std else     A_i = r_i - mu        (Dr. GRPO)

@@ -1,6 +1,6 @@
 """Per-token full-vocabulary divergences between a student ``q`` and a teacher ``p`` (pure tensor functions).
 
-Notation (spec decoupled-kl.md section 3; renio-opsd.md section 4): at every position,
+Notation (docs/methods/opd.md, docs/methods/opsd.md): at every position,
 ``q = softmax(z_s / T)`` (student, trainable) and ``p = softmax(z_t / T)`` (teacher, constant). Every function maps
 logits ``[..., V]`` to a per-position fp32 value ``[...]``:
 

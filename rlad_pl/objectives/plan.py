@@ -9,6 +9,7 @@ privileged teacher layout when ``plan.teacher_prompt`` says so.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -36,18 +37,20 @@ def declared(obj: Objective, field: str = "model.objectives") -> Declared:
     here; unknown names are one line that says what to write instead."""
     name = type(obj).__name__
     req = frozenset(getattr(obj, "requires", frozenset()) or frozenset())
-    inputs = frozenset(getattr(obj, "inputs", frozenset()) or frozenset()) | (req - SOURCE_MARKERS)
+    legacy = not isinstance(inspect.getattr_static(obj, "requires", None), property)
+    # an older-API class attribute ``requires`` is the whole declaration (it replaces what a parent declared)
+    inputs = (req if legacy else frozenset(getattr(obj, "inputs", frozenset()) or frozenset()) | req) - SOURCE_MARKERS
     unknown = inputs - KNOWN_INPUTS
     if unknown:
         raise ConfigError(field, f"{name} declares unknown inputs {sorted(unknown)}; expected names from "
                           f"{sorted(KNOWN_INPUTS)} in `inputs`, and `responses` = 'teacher' / 'dataset' or "
                           "`teacher_prompt` = 'privileged' for where responses come from")
-    responses = getattr(obj, "responses", "student")
+    responses = "student" if legacy else getattr(obj, "responses", "student")
     if responses == "student":
         responses = "teacher" if TEACHER_PREFIXES in req else "dataset" if DATASET_PREFIXES in req else "student"
     if responses not in RESPONSE_SOURCES:
         raise ConfigError(field, f"{name}.responses: expected one of {', '.join(RESPONSE_SOURCES)}, got {responses!r}")
-    prompt = getattr(obj, "teacher_prompt", "same")
+    prompt = "same" if legacy else getattr(obj, "teacher_prompt", "same")
     if PRIVILEGED_PROMPT in req:
         prompt = "privileged"
     if prompt not in TEACHER_PROMPTS:

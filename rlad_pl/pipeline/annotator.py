@@ -58,14 +58,14 @@ class Annotator:
         p = next(self.student.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _logprobs(self, model) -> Callable[[RolloutBatch], Tensor]:
-        def score(mb: RolloutBatch) -> Tensor:
-            logp, _ = root_call(model, response_logprobs, model, mb.input_ids, mb.attention_mask, mb.prompt_len,
-                                temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size)
-            return logp
-        return score
+    def logprobs(self, model, mb: RolloutBatch) -> Tensor:
+        """``model``'s log-probs of the response tokens (the student as old policy, or the reference)."""
+        logp, _ = root_call(model, response_logprobs, model, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                            temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+        return logp
 
-    def _teacher_logprobs(self, mb: RolloutBatch) -> Tensor:
+    def teacher_logprobs(self, mb: RolloutBatch) -> Tensor:
+        """The teacher backend's log-probs of the response tokens."""
         return self.teacher.token_logprobs(mb, temperature=self.temperature, chunk_size=self.chunk_size,
                                            vocab_size=self.vocab_size)
 
@@ -79,11 +79,11 @@ class Annotator:
         jobs = []
         if ((OLD_LOGPROBS in self.inputs and need_old) or SAMPLER_LOGPROBS in self.inputs
                 or (has_sampler_lp and self.log_sampler_mismatch)):
-            jobs.append(("old", self._logprobs(self.student)))
+            jobs.append(("old", lambda mb: self.logprobs(self.student, mb)))
         if REF_LOGPROBS in self.inputs:
-            jobs.append(("ref", self._logprobs(self.reference)))
+            jobs.append(("ref", lambda mb: self.logprobs(self.reference, mb)))
         if TEACHER_LOGPROBS in self.inputs:  # whichever backend scores it (rlad_pl.teacher)
-            jobs.append(("teacher", self._teacher_logprobs))
+            jobs.append(("teacher", self.teacher_logprobs))
         return jobs
 
     @torch.no_grad()

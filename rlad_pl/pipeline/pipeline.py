@@ -109,7 +109,7 @@ class RolloutPipeline:
         """A prompt as the model sees it (template and special tokens included), for logs."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _encode_all(self, problems: list[Problem]) -> tuple[list[list[int]], int]:
+    def encode_prompts(self, problems: list[Problem]) -> tuple[list[list[int]], int]:
         ids = [self.encode_prompt(p.prompt) for p in problems]
         if ids and not self._shown_prompt:  # a template's default system prompt shows here
             self.info(f"rlad_pl: first prompt as encoded for the model: {self.prompt_text(ids[0])!r}")
@@ -225,7 +225,7 @@ class RolloutPipeline:
         ``problems[0]`` (``seed_per_prompt``); ``step``: the optimizer steps taken (the weight version)."""
         cfg, G = self.settings, self.settings.group_size
         stats = self.sync(step) if self.responses == "student" else {}
-        prompt_ids, cut = self._encode_all(problems)
+        prompt_ids, cut = self.encode_prompts(problems)
         t0 = time.perf_counter()
         if cfg.seed_per_prompt:
             gen, gen_stats = self._generate_per_prompt(problems, prompt_ids, first_index)
@@ -295,7 +295,7 @@ class RolloutPipeline:
         """``val_k`` samples per problem from the student at optimizer step ``step``, scored by the verifier."""
         params = params or self.settings.val_sampling
         self.sync(step)
-        prompt_ids, _ = self._encode_all(problems)
+        prompt_ids, _ = self.encode_prompts(problems)
         gen = self.sampler.generate(prompt_ids, params.with_(seed=self.settings.seed + 17))
         k = params.n
         texts = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)

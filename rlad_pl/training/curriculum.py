@@ -1,4 +1,4 @@
-"""Entropy-gated length curriculum (spec decoupled-kl.md section 8) as a Lightning ``Callback``.
+"""Entropy-gated length curriculum (docs/methods/curriculum.md) as a Lightning ``Callback``.
 
 Train at the response length ``ladder[m]`` for ``epochs_per_stage`` rollout batches, then measure the student's mean
 per-token predictive entropy on held-out prompts::
@@ -36,11 +36,12 @@ def gate(entropy: float, h_min: float, stage: int, num_stages: int, frozen: bool
 def heldout_entropy(module, datamodule, num_prompts: int, max_new_tokens: int, seed: int = 0) -> float:
     """Mean token entropy of the student on its own samples of ``num_prompts`` validation prompts."""
     problems = datamodule.eval_problems("val")[:num_prompts]
-    prompt_ids, _ = datamodule._encode_all(problems)
-    datamodule._prepare_sampler()
+    pipeline = datamodule.pipeline
+    prompt_ids, _ = pipeline.encode_prompts(problems)
+    pipeline.sync(module.global_step)
     params = datamodule.sampling.with_(n=1, max_new_tokens=max_new_tokens, seed=seed)
     gen = datamodule.sampler.generate(prompt_ids, params)
-    ids, mask, P, rmask = build_sequences(prompt_ids, gen.completion_ids, datamodule.tokenizer.pad_token_id)
+    ids, mask, P, rmask = build_sequences(prompt_ids, gen.completion_ids, pipeline.tokenizer.pad_token_id)
     dev = module.device
     was_training = module.student.training
     module.student.eval()
@@ -57,7 +58,7 @@ class LengthCurriculum(L.Callback):
     """Grow ``data.sampling.max_new_tokens`` along ``ladder`` while held-out entropy stays >= ``h_min``.
 
     Args:
-        ladder: response-length stages, increasing (spec default 128 -> 4096).
+        ladder: response-length stages, increasing (default 128 -> 4096).
         epochs_per_stage: rollout batches trained at each length before the gate.
         h_min: absolute entropy threshold (nats); default ``h_min_ratio * H_0``.
         h_min_ratio: used when ``h_min`` is None; ``H_0`` is measured at the first length before training.
@@ -77,7 +78,8 @@ class LengthCurriculum(L.Callback):
         self.history: list[tuple[int, int, float]] = []  # (epoch, length, entropy)
 
     def _set_length(self, trainer) -> None:
-        trainer.datamodule.sampling = trainer.datamodule.sampling.with_(max_new_tokens=self.ladder[self.stage])
+        settings = trainer.datamodule.settings  # the rollout pipeline reads it at every rollout batch
+        settings.sampling = settings.sampling.with_(max_new_tokens=self.ladder[self.stage])
 
     def _log(self, trainer, entropy: float) -> None:
         metrics = {"curriculum/stage": float(self.stage), "curriculum/max_new_tokens": float(self.ladder[self.stage]),
