@@ -9,8 +9,8 @@ Bad input ends in one line on stderr that names the field (exit code 2).
 
 The first screen carries what a user can act on: third-party lines that they cannot (Lightning's advertising tips,
 deprecations inside Lightning, Lightning warnings that do not apply to on-policy training, vLLM's notes on settings
-rlad_pl makes on purpose) are silenced at their source, each by its exact message (``QUIET_WARNINGS``,
-``QUIET_RECORDS``). vLLM logs warnings and errors only (``VLLM_LOGGING_LEVEL=WARNING`` unless set; set it to
+rlad_pl makes on purpose) are silenced at their source, each by its exact message
+(``rlad_pl.core.errors.quiet_startup``). vLLM logs warnings and errors only (``VLLM_LOGGING_LEVEL=WARNING`` unless set; set it to
 ``INFO`` for vLLM's engine details).
 """
 
@@ -23,83 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.errors import ConfigError, quiet_startup
 from rlad_pl.models.compiled import check_compile
-
-#: Third-party warnings a user of rlad_pl cannot act on: ``(category, message regex[, module regex])`` for
-#: ``warnings.filterwarnings`` (the message regex matches at its start, ignoring case; the module is the one the
-#: warning is attributed to).
-QUIET_WARNINGS = (
-    # torch >= 2.10 deprecates ``LeafSpec``, which Lightning's own ``utilities/_pytree.py`` still builds
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
-    # LightningCLI's own calls of jsonargparse APIs deprecated in jsonargparse 4.49 (shown where deprecations are
-    # on, e.g. under pytest): scoped to warnings raised at a line of ``lightning/pytorch/cli.py``
-    (DeprecationWarning, r"", r"lightning\.pytorch\.cli$"),
-    # the frozen teacher / reference model (and a LoRA student's base) stay in eval mode by design
-    (Warning, r"Found \d+ module\(s\) in eval mode at the start of training"),
-    # rollouts are sampled in the training process; the dataloader only hands out the prepared micro-batches
-    (Warning, r"The '\w+' does not have many workers which may be a bottleneck"),
-    # one epoch is one rollout batch: ``log_every_n_steps`` counts optimizer steps across epochs, so logs appear
-    (Warning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
-    # ``main(args)`` hands LightningCLI the command line itself (``--debug`` removed, or from Python / tests)
-    (Warning, r"LightningCLI's args parameter is intended to run from within Python"),
-    # vLLM's Triton dispatcher touches torch's deprecated ``reduce_op`` alias when it is imported
-    (FutureWarning, r"`torch\.distributed\.reduce_op` is deprecated"),
-)
-
-#: Third-party log records a user of rlad_pl cannot act on: logger name -> message regexes (``re.search``).
-_TIP = r"^\W*Tip: .*(litlogger|litmodels|Lightning)"  # Lightning's advertising for its cloud services
-QUIET_RECORDS = {
-    "lightning.pytorch.utilities.rank_zero": (_TIP,),
-    "lightning.fabric.utilities.rank_zero": (_TIP,),
-    "pytorch_lightning.utilities.rank_zero": (_TIP,),
-    "lightning_fabric.utilities.rank_zero": (_TIP,),
-    # rlad_pl runs the engine in-process (its seeds are per request) and turns chunked prefill off on CPU
-    "vllm.engine.arg_utils": (r"^The global random seed is set to",
-                              r"does not officially support disabling chunked prefill"),
-    # consequences of ``enforce_eager: true`` (asked for) and of a CPU build without Triton
-    "vllm.config.vllm": (r"^Enforce eager set, disabling", r"^Inductor compilation was disabled by user settings",
-                         r"^Model Runner V2 requires Triton"),
-    "vllm.platforms.cpu": (r"^Reset SSM cache type",),
-    # the sampler restores torch's thread count for training after the CPU worker binds its threads
-    "vllm.v1.worker.cpu_worker": (r"doesn't allow to use `torch\.set_num_threads`",),
-    # an in-place weight sync sends no rotary cache and no tied LM head (the sampler refreshes it); a real
-    # mismatch shows in the mismatch/* metrics
-    "vllm.model_executor.model_loader.reload.layerwise": (r"^(RotaryEmbedding|ParallelLMHead): Failed to load "
-                                                          r"weights",),
-    "vllm.triton_utils.importing": (r"^Triton is installed, but doesn't include CPU backend",),
-}
-
-
-class _DropRecords:
-    """A ``logging`` filter that drops the records whose message matches one of ``patterns``."""
-
-    def __init__(self, patterns):
-        self.patterns = [re.compile(p) for p in patterns]
-
-    def filter(self, record) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001  (a malformed record is for logging to report)
-            return True
-        return not any(p.search(message) for p in self.patterns)
-
-
-def quiet_startup() -> None:
-    """Silence ``QUIET_WARNINGS`` and ``QUIET_RECORDS`` (idempotent), and vLLM's INFO lines unless
-    ``VLLM_LOGGING_LEVEL`` is set. Every other warning and log line is left as it is."""
-    import logging
-    import warnings
-
-    for category, message, *module in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module[0] if module else "")
-    for name, patterns in QUIET_RECORDS.items():
-        logger = logging.getLogger(name)  # the logger vLLM / Lightning will use (filters survive dictConfig)
-        for f in [f for f in logger.filters if isinstance(f, _DropRecords)]:
-            logger.removeFilter(f)
-        logger.addFilter(_DropRecords(patterns))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
 
 def _cli_class(state: dict):
     """The ``LightningCLI`` subclass; ``state["stage"]`` records how far startup got (for error messages) and

@@ -1,6 +1,6 @@
 """The first screen of a fit carries what a user can act on: no third-party advertising, no deprecation inside
-Lightning, no Lightning warning that does not apply to on-policy training (``rlad_pl.cli.quiet_startup``), while
-rlad_pl's own lines stay."""
+Lightning, no Lightning warning that does not apply to on-policy training (``rlad_pl.core.errors.quiet_startup``),
+while rlad_pl's own lines stay."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _tips(tmp_path) -> list[str]:
 def test_lightning_advertising_tips_are_dropped_at_their_logger(tmp_path):
     import lightning_utilities.core.rank_zero as rank_zero
 
-    from rlad_pl.cli import _DropRecords, quiet_startup
+    from rlad_pl.core.errors import _DropRecords, quiet_startup
 
     logger = rank_zero.log
     for f in [f for f in logger.filters if isinstance(f, _DropRecords)]:
