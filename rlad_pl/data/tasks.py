@@ -33,6 +33,7 @@ class Problem:
     privileged: Optional[str] = None  # privileged context (reference solution) for self-distillation
     solution: Optional[str] = None  # reference response text (dataset prefixes: supervised fine-tuning)
     metadata: dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[str] = None  # name of the teacher that scores it (``model.teachers``); None: the default
 
 
 class Task:
@@ -50,6 +51,12 @@ class Task:
 
     def problems(self, split: Split, count: int, offset: int = 0) -> list[Problem]:
         raise NotImplementedError
+
+    def teacher_keys(self) -> Optional[set[str]]:
+        """Every value ``Problem.teacher`` can take in this task (routing to ``model.teachers``), or None when the
+        task cannot list them up front (then only the problems drawn are checked). A task that routes nothing
+        returns an empty set."""
+        return set()
 
     def verify(self, completion: str, problem: Problem) -> float:
         raise NotImplementedError
