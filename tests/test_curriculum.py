@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, scalars
-from rlad_pl.training.curriculum import gate
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.core.logprobs import chunked_token_logprobs
+from rlad_pl.training.curriculum import gate
 
 
 def test_gate_advances_iff_entropy_at_least_h_min_and_never_after_failure():

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, REPO, run_cli, scalars
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.data import DatasetTask, MathVerifier, Problem
 from rlad_pl.data.dataset_task import interleave, largest_remainder
-from rlad_pl.core.errors import ConfigError
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",

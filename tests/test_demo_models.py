@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rlad_pl.data.chain_sum import ChainSumTask
-from rlad_pl.pipeline.evaluate import evaluate_policy
 from rlad_pl.models.loading import PACKAGE_DIR, load_causal_lm, load_tokenizer
+from rlad_pl.pipeline.evaluate import evaluate_policy
 
 ASSETS = PACKAGE_DIR / "assets"
 LEVELS = [f"{t}t{d}d" for t in range(2, 6) for d in (1, 2)]

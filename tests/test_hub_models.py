@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli
-
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.models.loading import PACKAGE_DIR, load_causal_lm, load_tokenizer, resolve_source
 
@@ -110,8 +109,8 @@ def test_revision_picks_its_snapshot(hub, spec, revision):
 
 
 def test_module_revision_args_and_default_tokenizer_from_the_same_snapshot(hub):
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
+    from rlad_pl.training.module import DistillationModule
 
     m = DistillationModule("org/tiny", [GRPO()], student_revision="v2")
     assert m.model_tags["student"] == f"org/tiny@{COMMIT_B}"
@@ -221,8 +220,8 @@ def test_remote_code_off_unless_asked(hub, tmp_path):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_remote_code_warning_is_one_line(hub, capsys, trust):
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import GRPO
+    from rlad_pl.training.module import DistillationModule
 
     m = DistillationModule("org/tiny", [GRPO()], trust_remote_code=trust)
     err = [ln for ln in capsys.readouterr().err.splitlines() if "rlad_pl: warning: model.trust_remote_code" in ln]

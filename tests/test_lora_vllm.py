@@ -25,8 +25,8 @@ TEXTS = ["12+7=", "abc", "9*9=", "hello", "x", "42-17="]
 
 def _student(lora):
     """The tiny student with ``lora`` injected (adapter init seeded)."""
-    from rlad_pl.models.lora import apply_lora
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.models.lora import apply_lora
 
     path = str(REPO / "rlad_pl" / TINY)
     student = load_causal_lm(path, "model.student")

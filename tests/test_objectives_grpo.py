@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlad_pl.core.advantages import group_advantages
 from conftest import make_batch
+from rlad_pl.core.advantages import group_advantages
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, Denominators, StudentOutputs, aggregate
 from rlad_pl.objectives.base import SAMPLER_LOGPROBS, per_sample_token_mean

@@ -11,8 +11,24 @@ from torch import nn
 
 from rlad_pl.core.advantages import group_advantages
 from rlad_pl.core.batch import RolloutBatch
-from rlad_pl.objectives import (GKDJSD, GRPO, KDRL, OPSD, SFT, TRRD, Denominators, ForwardKL, KLMix, OPDFullVocab,
-                                OPDSampled, ReNIO, ReverseKL, SkewKL, StudentOutputs, TokenKL)
+from rlad_pl.objectives import (
+    GKDJSD,
+    GRPO,
+    KDRL,
+    OPSD,
+    SFT,
+    TRRD,
+    Denominators,
+    ForwardKL,
+    KLMix,
+    OPDFullVocab,
+    OPDSampled,
+    ReNIO,
+    ReverseKL,
+    SkewKL,
+    StudentOutputs,
+    TokenKL,
+)
 
 V, H = 17, 4
 

@@ -87,8 +87,8 @@ def _trainer_logprobs(model, tok, prompts, completions, temperature):
 def test_padding_rows_dominate_and_unmasked_decode_draws_them(student):
     """The fixture is a real trap: > 99% of the full-softmax mass is on padding ids, and the decode loop without
     ``vocab_size`` (the old sampler) draws padding ids."""
-    from rlad_pl.rollout.decode import decode
     from rlad_pl.core.batch import pad_rows
+    from rlad_pl.rollout.decode import decode
 
     model, tok = student
     V, prompts = len(tok), _prompts(tok)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlad_pl.data.prompts import PromptFormat, encode_prompt, render_prompt
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.data.prompts import PromptFormat, encode_prompt, render_prompt
 
 #: ChatML with a default system prompt and Qwen3's enable_thinking switch (no spaces: the char tokenizer drops them)
 TEMPLATE = (

@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from rlad_pl.core.errors import ConfigError
 from conftest import CONFIGS, REPO, run_cli, scalars
+from rlad_pl.core.errors import ConfigError
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -30,8 +30,8 @@ ENGINE = {"max_model_len": 128, "engine_kwargs": {"kv_cache_memory_bytes": 64 <<
 
 
 def _trrd_module(student, teacher, backend=None, temperature=1.0):
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
+    from rlad_pl.training.module import DistillationModule
 
     return DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD(alpha=0.5)],
                               temperature=temperature, annotate_batch_size=8, teacher_backend=backend)
@@ -111,10 +111,10 @@ def test_vllm_backend_refuses_full_vocabulary_objectives_in_one_line(capsys, con
 
 @needs_vllm
 def test_vllm_backend_refuses_teacher_prefix_sampling():
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import ForwardKL
     from rlad_pl.objectives.base import TEACHER_HIDDEN, TEACHER_PREFIXES
     from rlad_pl.teacher import VLLMTeacher
+    from rlad_pl.training.module import DistillationModule
 
     class PrefixKD(ForwardKL):  # sampled-token teacher input on teacher-sampled responses
         requires = frozenset({TEACHER_PREFIXES, "teacher_logprobs"}) - {TEACHER_HIDDEN}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.objectives import TRRD, ForwardKL
 from rlad_pl.testing.builders import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
 from rlad_pl.training.module import DistillationModule
-from rlad_pl.objectives import ForwardKL, TRRD
 
 
 def test_different_vocabularies_fail_in_one_line(tmp_path):

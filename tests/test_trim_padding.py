@@ -71,8 +71,8 @@ def test_group_by_length_same_step_gradient():
 
 def test_annotate_chunks_trimmed_same_logprobs(tiny_dir):
     """The ``Annotator`` (chunks ordered by length and trimmed) matches one untrimmed forward pass."""
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
+    from rlad_pl.training.module import DistillationModule
 
     module = DistillationModule(student=str(tiny_dir), teacher=str(tiny_dir), objectives=[TRRD(alpha=0.5)],
                                 annotate_batch_size=3)

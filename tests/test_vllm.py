@@ -35,9 +35,9 @@ ARCH = dict(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, max
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
-    from rlad_pl.testing.builders import save_tiny_model
     from rlad_pl.rollout import HFSampler
     from rlad_pl.rollout.vllm import VLLMSampler
+    from rlad_pl.testing.builders import save_tiny_model
 
     path = save_tiny_model(tmp_path_factory.mktemp("student"), seed=0, **ARCH)
     tok = load_tokenizer(path)
@@ -203,10 +203,11 @@ def test_missing_vllm_message(monkeypatch):
 
 
 def test_cpu_head_dim_refused(env):
-    from rlad_pl.core.errors import ConfigError
-    from rlad_pl.testing.builders import build_tiny_qwen2
-    from rlad_pl.rollout.vllm import VLLMSampler
     from vllm.platforms import current_platform
+
+    from rlad_pl.core.errors import ConfigError
+    from rlad_pl.rollout.vllm import VLLMSampler
+    from rlad_pl.testing.builders import build_tiny_qwen2
 
     if not current_platform.is_cpu():
         pytest.skip("head_dim restriction is specific to vLLM's CPU attention")
