@@ -315,3 +315,106 @@ def test_wrong_teacher_length_is_refused():
     al = align_cross_tokenizer(ids(tok, "ab"), tok, tok, "p")
     with pytest.raises(ValueError, match="expected last dimension 2"):
         al.map_teacher_logprobs([-1.0, -2.0, -3.0])
+
+
+# ------------------------------------------------------------------------------------------------ through a teacher
+def _teacher_route(tok, cross, seed=0):
+    from rlad_pl.teacher import LocalTeacher
+    from rlad_pl.teacher.routes import TeacherRoute
+    from rlad_pl.testing.builders import build_tiny_qwen2
+
+    backend = LocalTeacher()
+    backend.model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                     seed=seed).eval()
+    return TeacherRoute("t", backend, tok, model=backend.model, cross=cross, student_tokenizer=build_char_tokenizer())
+
+
+def _student_batch(stok, prompts, responses):
+    from rlad_pl.core.batch import RolloutBatch, build_sequences
+    from rlad_pl.data.prompts import encode_prompt
+
+    p_ids = [encode_prompt(stok, p) for p in prompts]
+    r_ids = [ids(stok, r) + [stok.eos_token_id] for r in responses]
+    x, m, P, rm = build_sequences(p_ids, r_ids, stok.pad_token_id)
+    n = len(prompts)
+    return RolloutBatch(x, m, P, rm, torch.zeros(n), torch.zeros(n), torch.arange(n), prompt_texts=list(prompts))
+
+
+def test_cross_route_with_identical_tokenizers_is_todays_teacher():
+    """The limiting case through the whole route: re-tokenizing for a teacher with the student's own tokenizer
+    gives exactly the log-probs of scoring the student's ids."""
+    stok = build_char_tokenizer()
+    batch = _student_batch(stok, ["1+2=", "30+4="], ["1+2=3;#3", "34;#34"])
+    kw = dict(temperature=1.0, chunk_size=4, vocab_size=len(stok))
+    with torch.no_grad():
+        same = _teacher_route(stok, cross=False).token_logprobs(batch, **kw)
+        cross = _teacher_route(stok, cross=True).token_logprobs(batch, **kw)
+    m = batch.response_mask.bool()
+    torch.testing.assert_close(cross[m], same[m], rtol=0, atol=1e-6)
+
+
+def test_cross_route_keeps_the_teachers_probability_of_the_text():
+    """A teacher with a BPE tokenizer: the mapped student values add up to the teacher's own log-probability of the
+    whole response text after its own prompt (the chain rule), row by row, and differ from the student's ids."""
+    from rlad_pl.core.logprobs import response_logprobs
+    from rlad_pl.data.prompts import encode_prompt
+
+    stok = build_char_tokenizer()
+    ttok = byte_bpe([("1", "2"), ("=", "3"), ("3", "4"), (";", "#")])
+    ttok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    prompts, responses = ["1+2=", "30+4="], ["12+1=3;#34", "34;#34"]
+    batch = _student_batch(stok, prompts, responses)
+    route = _teacher_route(ttok, cross=True, seed=1)
+    with torch.no_grad():
+        got = route.token_logprobs(batch, temperature=1.0, chunk_size=4, vocab_size=len(stok))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        t_prompt = encode_prompt(ttok, p)
+        assert ttok.decode(t_prompt) == f"<s>{p}:"  # the teacher's own chat template, not the student's format
+        t_resp = ids(ttok, r) + [ttok.eos_token_id]
+        assert len(t_resp) < len(r) + 1  # merges: fewer teacher tokens than characters
+        seq = torch.tensor([t_prompt + t_resp])
+        with torch.no_grad():
+            want, _ = response_logprobs(route.model, seq, torch.ones_like(seq), len(t_prompt))
+        n = int(batch.response_mask[i].sum())
+        assert torch.isclose(got[i, :n].sum(), want.sum(), atol=1e-4), (got[i, :n].sum(), want.sum())
+        assert (got[i, n:] == 0).all()
+
+
+def _bpe_teacher_dir(tmp_path):
+    from rlad_pl.testing.builders import build_tiny_qwen2
+
+    ttok = byte_bpe([("1", "2"), ("=", "3"), (";", "#")])
+    model = build_tiny_qwen2(len(ttok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, 1, 2
+    model.save_pretrained(tmp_path / "bpe-teacher")
+    ttok.save_pretrained(tmp_path / "bpe-teacher")
+    return str(tmp_path / "bpe-teacher")
+
+
+def test_a_teacher_with_another_tokenizer_trains_sampled_token_objectives_and_refuses_full_vocab(tmp_path):
+    from rlad_pl.core.errors import ConfigError
+    from rlad_pl.data import CharFrequencyTask
+    from rlad_pl.objectives import OPDSampled, ReverseKL
+    from rlad_pl.pipeline import RolloutPipeline, RolloutSettings
+    from rlad_pl.rollout.sampler import SamplingParams
+    from rlad_pl.training.module import DistillationModule
+
+    teacher = _bpe_teacher_dir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^model\.teacher: teacher and student vocabularies differ .*ReverseKL "
+                                          r"need \['teacher_hidden'\].*sampled-token objective \(OPDSampled"):
+        DistillationModule(student="assets/tiny-student", teacher=teacher, objectives=[ReverseKL()])
+    module = DistillationModule(student="assets/tiny-student", teacher=teacher, objectives=[OPDSampled()])
+    assert module.routes["teacher"].cross and module.model_tags["teacher_tokenizer"]
+    pipe = RolloutPipeline(CharFrequencyTask(target="a", alphabet="123=;#"),
+                           RolloutSettings(prompts_per_rollout=2, group_size=2, micro_batch_size=4,
+                                           sampling=SamplingParams(max_new_tokens=6)), info=lambda s: None)
+    pipe.connect(module.policy())
+    (step,) = pipe.steps(epoch=0)
+    mb = step.micro_batches[0]
+    m = mb.response_mask.bool()
+    assert mb.prompt_texts is not None and torch.isfinite(mb.teacher_logprobs).all()
+    special = mb.response_ids <= 2  # <pad> <bos> <eos> of the char tokenizer; eos is aligned to the teacher's eos
+    text = m & (mb.response_ids > 2)
+    assert (mb.teacher_logprobs[text] < 0).all() and (mb.teacher_logprobs[text] > -20).all()
+    stray = m & special & (mb.response_ids != 2)  # a <bos> / <pad> sampled inside a response: no text
+    assert (mb.teacher_logprobs[stray] == -20.0).all() and (mb.teacher_logprobs[~m] == 0).all()

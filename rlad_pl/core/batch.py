@@ -32,6 +32,8 @@ class RolloutBatch:
     teacher_attention_mask: Optional[Tensor] = None
     teacher_prompt_len: Optional[int] = None
     extras: dict = field(default_factory=dict)  # objective-specific per-sequence tensors, first dim N
+    teacher_ids: Optional[Tensor] = None  # [N] long: which named teacher scores each row (None: the only one)
+    prompt_texts: Optional[list] = None  # [N] prompt texts (a teacher with another tokenizer re-encodes them)
 
     @property
     def num_sequences(self) -> int:
@@ -49,7 +51,7 @@ class RolloutBatch:
     def position_ids(self) -> Tensor:
         return position_ids_from_mask(self.attention_mask)
 
-    def select(self, index: Tensor | slice) -> "RolloutBatch":
+    def select(self, index: Tensor | slice) -> RolloutBatch:
         """Rows ``index`` of every tensor field (a micro-batch)."""
         out = {}
         for f in fields(self):
@@ -58,20 +60,23 @@ class RolloutBatch:
                 out[f.name] = v[index]
             elif isinstance(v, dict):
                 out[f.name] = {k: t[index] for k, t in v.items()}
+            elif isinstance(v, list):
+                rows = range(len(v))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+                out[f.name] = [v[i] for i in rows]
             else:
                 out[f.name] = v
         return RolloutBatch(**out)
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
+    def to(self, device: torch.device | str) -> RolloutBatch:
         changes = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
         changes["extras"] = {k: t.to(device) for k, t in self.extras.items()}
         return replace(self, **changes)
 
-    def split(self, micro_batch_size: int) -> list["RolloutBatch"]:
+    def split(self, micro_batch_size: int) -> list[RolloutBatch]:
         return [self.select(slice(i, i + micro_batch_size)) for i in range(0, self.num_sequences, micro_batch_size)]
 
-    def trim_padding(self) -> "RolloutBatch":
+    def trim_padding(self) -> RolloutBatch:
         """Drop the columns that are padding in every row: leading prompt columns and trailing response columns
         (also of the privileged teacher layout and of every ``[N, R]`` per-token field). Positions come from the
         attention mask, so the model sees the same real tokens: results are unchanged, only the width shrinks."""
@@ -117,7 +122,7 @@ class StepBatch:
     stats: Optional[dict[str, float]] = None
     samples: Optional[list[tuple[str, str, float]]] = None
 
-    def to(self, device) -> "StepBatch":
+    def to(self, device) -> StepBatch:
         return replace(self, micro_batches=[mb.to(device) for mb in self.micro_batches])
 
     @property

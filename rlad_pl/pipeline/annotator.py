@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,6 +37,9 @@ class Annotator:
         student: the trainable student (its current weights are the old policy).
         inputs: the objectives' planned inputs (``ObjectivePlan.inputs``).
         teacher: the teacher backend (``TeacherScorer``), or None when no objective needs a teacher.
+        routes: named teachers (``model.teachers``, ``rlad_pl.teacher.routes.TeacherRoute``) in routing order: row
+            i is scored by ``routes[names[batch.teacher_ids[i]]]``; a teacher with another tokenizer scores
+            re-tokenized text. None: ``teacher`` scores every row.
         reference: the frozen reference model, or None.
         temperature: logits are divided by it before every log-softmax.
         chunk_size: sequence positions per LM-head chunk; vocab_size: the shared tokenizer range.
@@ -46,6 +50,7 @@ class Annotator:
     student: torch.nn.Module
     inputs: frozenset[str]
     teacher: Optional[object] = None
+    routes: Optional[dict] = None
     reference: Optional[torch.nn.Module] = None
     temperature: float = 1.0
     chunk_size: int = 256
@@ -65,9 +70,37 @@ class Annotator:
         return logp
 
     def teacher_logprobs(self, mb: RolloutBatch) -> Tensor:
-        """The teacher backend's log-probs of the response tokens."""
-        return self.teacher.token_logprobs(mb, temperature=self.temperature, chunk_size=self.chunk_size,
-                                           vocab_size=self.vocab_size)
+        """The teacher's log-probs of the response tokens (each row's own teacher when routed)."""
+        kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+        if self.routes is None:
+            return self.teacher.token_logprobs(mb, **kw)
+        names = list(self.routes)
+        if mb.teacher_ids is None:
+            if len(names) != 1:
+                raise ValueError(f"a batch without teacher_ids cannot be routed to one of {names}")
+            return self.routes[names[0]].token_logprobs(mb, **kw)
+        out = torch.zeros(mb.response_mask.shape, dtype=torch.float32, device=mb.response_mask.device)
+        for k, name in enumerate(names):
+            rows = (mb.teacher_ids == k).nonzero().flatten()
+            if rows.numel():
+                sub = mb.select(rows).trim_padding()
+                lp = self.routes[name].token_logprobs(sub, **kw)
+                out[rows, :lp.shape[1]] = lp.to(out)
+        return out
+
+    def teacher_stats(self, rollout: RolloutBatch) -> dict[str, float]:
+        """Per named teacher: its rows and its mean log-prob of the response tokens (``teacher/<name>/*``)."""
+        if self.routes is None or rollout.teacher_ids is None or rollout.teacher_logprobs is None:
+            return {}
+        stats = {}
+        for k, name in enumerate(self.routes):
+            rows = rollout.teacher_ids == k
+            m = rollout.response_mask[rows]
+            stats[f"teacher/{name}/sequences"] = float(rows.sum())
+            if rows.any():
+                stats[f"teacher/{name}/logprob_mean"] = float((rollout.teacher_logprobs[rows] * m).sum()
+                                                              / m.sum().clamp_min(1))
+        return stats
 
     def jobs(self, rollout: RolloutBatch, need_old: bool) -> list[tuple[str, Callable[[RolloutBatch], Tensor]]]:
         """The passes this batch needs: ``old`` when several updates share it (``need_old``), for TIS, or to measure
@@ -114,14 +147,16 @@ class Annotator:
                     seconds[name] += time.perf_counter() - t0
         finally:
             self.student.train(was_training)
-            if self.teacher is not None:
-                self.teacher.release()  # FSDP2: free the frozen models' gathered embeddings / LM head
+            for scorer in ([self.teacher] if self.teacher is not None else []) + [
+                    r.scorer for r in (self.routes or {}).values()]:
+                scorer.release()  # FSDP2: free the frozen models' gathered embeddings / LM head
             reshard(self.reference)
         for name, full in results.items():
             setattr(rollout, f"{name}_logprobs", full)
             stats[f"timing/{name}_logprobs"] = seconds[name]
             if nonfinite[name]:
                 stats[f"nonfinite/{name}_logprobs"] = float(nonfinite[name])
+        stats.update(self.teacher_stats(rollout))
         if rollout.sampler_logprobs is not None and rollout.old_logprobs is not None:
             mism = logprob_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.response_mask)
             stats.update({k: float(v) for k, v in mism.items()})

@@ -20,9 +20,10 @@ to sample from, its tokenizer, the ``Annotator`` over its frozen models, the obj
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -54,6 +55,11 @@ class Policy:
     teacher: Optional[torch.nn.Module] = None
     #: exactly which teacher files were loaded (``org/name@<commit>``): the teacher cache's key
     teacher_tag: Optional[str] = None
+    #: named teachers in routing order (``model.teachers``): ``RolloutBatch.teacher_ids`` indexes this list
+    teacher_names: Optional[list[str]] = None
+    default_teacher: Optional[str] = None
+    #: a teacher with another tokenizer re-encodes the prompt text: the batch carries it
+    needs_prompt_texts: bool = False
 
 
 @dataclass
@@ -220,6 +226,21 @@ class RolloutPipeline:
                                           self.tokenizer.pad_token_id)
         return ids, mask, P
 
+    def _teacher_ids(self, problems: list[Problem]) -> torch.Tensor:
+        """Each problem's teacher as an index into ``policy.teacher_names`` (one line for a routing value that
+        names no teacher)."""
+        names, default = self.policy.teacher_names, self.policy.default_teacher
+        default = default if default is not None else (names[0] if len(names) == 1 else None)
+        ids = []
+        for p in problems:
+            name = p.teacher if p.teacher is not None else default
+            if name not in names:
+                raise ConfigError(self.task.field, f"problem {p.prompt[:40]!r} routes to teacher {name!r}, which is "
+                                  f"not among the routed teachers ({', '.join(names)}; set model.default_teacher "
+                                  "for problems that name none)")
+            ids.append(names.index(name))
+        return torch.tensor(ids, dtype=torch.long)
+
     def rollout(self, problems: list[Problem], seed: int, step: int, first_index: int = 0) -> Rollout:
         """Sample, score and lay out one rollout batch (steps 2-5). ``first_index``: global index of
         ``problems[0]`` (``seed_per_prompt``); ``step``: the optimizer steps taken (the weight version)."""
@@ -246,6 +267,14 @@ class RolloutPipeline:
              batch.teacher_prompt_len) = self._privileged_layout(problems, gen.completion_ids)
         if gen.logprobs is not None and self.responses == "student":
             batch.sampler_logprobs = pad_rows_float(gen.logprobs, rmask.shape[1])
+        if self.policy.needs_prompt_texts:
+            batch.prompt_texts = [p.prompt for p in problems for _ in range(G)]
+        if self.policy.teacher_names:
+            batch.teacher_ids = self._teacher_ids(problems).repeat_interleave(G)
+            for k, name in enumerate(self.policy.teacher_names):
+                rows = batch.teacher_ids == k
+                if rows.any():
+                    stats[f"rollout/teacher/{name}/reward_mean"] = rewards[rows].mean().item()
         lengths = rmask.sum(-1)
         stats.update({
             "rollout/reward_mean": rewards.mean().item(), "rollout/reward_std": rewards.std(unbiased=False).item(),

@@ -18,7 +18,7 @@ class RolloutLink(L.Callback):
         if dm is None or not hasattr(dm, "connect"):
             return
         buckets = dm.buckets("test" if stage == "test" else "val")
-        pl_module.configure_rollouts(dm.settings, dm.pass_k, buckets)
+        pl_module.configure_rollouts(dm.settings, dm.pass_k, buckets, teacher_keys=dm.task.teacher_keys())
         dm.connect(pl_module.policy())
 
 

@@ -14,12 +14,20 @@ from typing import Any, Optional
 import torch
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.data.prompts import PromptFormat
 from rlad_pl.models.compiled import compile_backbone
-from rlad_pl.models.loading import (check_tokenizers_match, load_causal_lm, load_tokenizer,
-                                    resolve_model_and_tokenizer, shared_vocab_size, warn_remote_code)
-from rlad_pl.objectives.base import REF_LOGPROBS
+from rlad_pl.models.loading import (
+    check_tokenizers_match,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_and_tokenizer,
+    shared_vocab_size,
+    warn_remote_code,
+)
+from rlad_pl.objectives.base import REF_LOGPROBS, TEACHER_LOGPROBS
 from rlad_pl.objectives.plan import ObjectivePlan
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
+from rlad_pl.teacher.routes import TeacherConfig, TeacherRoute
 
 
 @dataclass
@@ -34,14 +42,23 @@ class Models:
     #: names of exactly the files loaded (``org/name@<commit>`` for hub ids), e.g. for the teacher cache
     tags: dict[str, Optional[str]]
     vocab_size: int
+    #: named teachers (``model.teachers``), resolved and checked; their models load when routed to
+    routes: Optional[dict[str, TeacherRoute]] = None
+    student_source: Any = None
 
 
 def load_models(plan: ObjectivePlan, *, student: str, teacher: Optional[str], tokenizer: Optional[str],
                 teacher_tokenizer: Optional[str], student_revision: Optional[str], teacher_revision: Optional[str],
                 tokenizer_revision: Optional[str], cache_dir: Optional[str], trust_remote_code: bool, dtype: str,
                 teacher_dtype: Optional[str], lora: Optional[dict], gradient_checkpointing: bool, compile: bool,
-                teacher_backend: Optional[TeacherScorer]) -> Models:
+                teacher_backend: Optional[TeacherScorer], teachers: Optional[dict] = None) -> Models:
     """Resolve, check and load the student, its tokenizer, and what ``plan`` needs (see the module docstring)."""
+    if teachers:
+        return _load_named(plan, teachers, teacher=teacher, student=student, tokenizer=tokenizer,
+                           student_revision=student_revision, tokenizer_revision=tokenizer_revision,
+                           cache_dir=cache_dir, trust_remote_code=trust_remote_code, dtype=dtype,
+                           teacher_dtype=teacher_dtype, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                           compile=compile)
     if plan.needs_teacher and teacher is None:
         raise ConfigError("model.teacher", f"{', '.join(plan.teacher_users)} needs a teacher model path")
     if teacher_backend is not None and not isinstance(teacher_backend, TeacherScorer):
@@ -68,23 +85,130 @@ def load_models(plan: ObjectivePlan, *, student: str, teacher: Optional[str], to
         lora_student = apply_lora(student_model, lora, "model.lora")
     if gradient_checkpointing:
         student_model.gradient_checkpointing_enable()
-    teacher_model = None
+    teacher_model = route = None
     if plan.needs_teacher:
-        check_tokenizers_match(tok, load_tokenizer(t_tok_src), "model.teacher")
+        t_tok = load_tokenizer(t_tok_src)
+        cross = tokenizers_differ(plan, tok, t_tok, "model.teacher")
         teacher_model = backend.load(teacher_src, teacher_dtype or dtype, student_source=student_src,
                                      student_dtype=dtype, lora=lora_student)
+        if cross:  # the teacher reads re-tokenized text: routed through its own tokenizer
+            route = TeacherRoute("teacher", backend, t_tok, model=teacher_model, cross=True, student_tokenizer=tok,
+                                 tag=teacher_src.tag)
     reference = None
     if REF_LOGPROBS in plan.inputs:
         reference = (lora_student.base_view() if lora_student is not None else
                      load_causal_lm(student_src, "model.student", dtype, trainable=False))
-    frozen = [m for m in (teacher_model, reference) if m is not None]
+    frozen = [m for m in (None if route is not None else teacher_model, reference) if m is not None]
     if compile:  # a side table of compiled backbones: modules and state dicts stay as they are
         for m in (student_model, *frozen):
             compile_backbone(m)
     tags = {"student": student_src.tag, "tokenizer": tok_src.tag,
-            "teacher": teacher_src.tag if teacher_src else None}
+            "teacher": teacher_src.tag if teacher_src else None,
+            "teacher_tokenizer": t_tok_src.tag if t_tok_src else None}
     return Models(tok, student_model, backend, teacher_model, reference, lora_student, tags,
-                  shared_vocab_size(tok, student_model, *frozen))
+                  shared_vocab_size(tok, student_model, *frozen), routes={"teacher": route} if route else None,
+                  student_source=student_src)
+
+
+def tokenizers_differ(plan: ObjectivePlan, student_tok, teacher_tok, field: str) -> bool:
+    """False when the teacher shares the student's tokenizer; True when it has its own and the objectives can use
+    a re-tokenized teacher (sampled-token log-probs only); else one line naming what to use instead."""
+    try:
+        check_tokenizers_match(student_tok, teacher_tok, field)
+        return False
+    except ConfigError as e:
+        full = sorted(plan.inputs & {"teacher_hidden", "teacher_topk"})
+        why = (f"{', '.join(plan.names)} need {full}: distributions over one shared vocabulary" if full else
+               f"{', '.join(plan.names)} sample responses from the teacher" if plan.responses == "teacher" else
+               f"{', '.join(plan.names)} score under a privileged prompt" if plan.teacher_prompt == "privileged"
+               else "")
+        if why or TEACHER_LOGPROBS not in plan.inputs:
+            head = e.message.split("; distillation needs")[0]
+            why = why or "no sampled-token teacher input"
+            raise ConfigError(field, f"{head}; {why}: use a teacher with the student's tokenizer, or a sampled-token "
+                              "objective (OPDSampled, KDRL, TRRD, ReNIO), which scores re-tokenized text") from None
+        return True
+
+
+def _load_named(plan: ObjectivePlan, teachers: dict, *, teacher, student, tokenizer, student_revision,
+                tokenizer_revision, cache_dir, trust_remote_code, dtype, teacher_dtype, lora, gradient_checkpointing,
+                compile) -> Models:
+    """``model.teachers``: every entry resolved and checked now (names, tokenizers, backends); models load later,
+    only those that problems route to (``load_routes``)."""
+    if teacher is not None:
+        raise ConfigError("model.teachers", "set either model.teacher (one teacher) or model.teachers (named "
+                          "teachers), not both")
+    if not plan.needs_teacher:
+        raise ConfigError("model.teachers", f"{', '.join(plan.names)} use no teacher; remove model.teachers")
+    full = sorted(plan.inputs & {"teacher_hidden", "teacher_topk"})
+    if len(teachers) > 1 and (full or plan.responses == "teacher" or plan.teacher_prompt == "privileged"):
+        need = full or "teacher responses"
+        raise ConfigError("model.teachers", f"{', '.join(plan.names)} with several teachers: routed teachers "
+                          f"serve sampled-token objectives (OPDSampled, KDRL, TRRD, ReNIO); {need} need one teacher "
+                          "(model.teacher)")
+    hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
+                                                       student_revision, tokenizer_revision, **hub)
+    tok = load_tokenizer(tok_src)
+    routes: dict[str, TeacherRoute] = {}
+    tags = {"student": student_src.tag, "tokenizer": tok_src.tag}
+    for name, cfg in teachers.items():
+        field = f"model.teachers.{name}"
+        if isinstance(cfg, str):
+            cfg = TeacherConfig(model=cfg)
+        elif isinstance(cfg, dict):
+            try:
+                cfg = TeacherConfig(**cfg)
+            except TypeError:
+                extra = sorted(set(cfg) - set(TeacherConfig.__dataclass_fields__)) or ["(model missing)"]
+                raise ConfigError(field, f"expected model, tokenizer, revision, dtype, backend, prompt_format; got "
+                                  f"{', '.join(extra)}") from None
+        if not isinstance(cfg, TeacherConfig) or not cfg.model:
+            raise ConfigError(field, f"expected {{model: <folder or hub id>, ...}}, got {cfg!r}")
+        backend = cfg.backend if cfg.backend is not None else LocalTeacher()
+        if not isinstance(backend, TeacherScorer):
+            raise ConfigError(f"{field}.backend", f"expected an rlad_pl.teacher.TeacherScorer, got "
+                              f"{type(backend).__name__}")
+        try:
+            backend.check(plan.inputs, list(plan.names), top_k=plan.top_k, responses=plan.responses)
+        except ConfigError as e:
+            raise ConfigError(f"{field}.backend", e.message) from None
+        src, t_tok_src = resolve_model_and_tokenizer(cfg.model, f"{field}.model", cfg.tokenizer, f"{field}.tokenizer",
+                                                     cfg.revision, **hub)
+        t_tok = load_tokenizer(t_tok_src)
+        cross = tokenizers_differ(plan, tok, t_tok, field)
+        routes[name] = TeacherRoute(name, backend, t_tok, cross=cross, student_tokenizer=tok,
+                                    prompt_format=cfg.prompt_format or PromptFormat(), tag=src.tag)
+        routes[name].source, routes[name].dtype = src, cfg.dtype or teacher_dtype or dtype
+        tags[f"teacher/{name}"] = src.tag
+    models = load_models(plan.__class__(inputs=plan.inputs - {TEACHER_LOGPROBS}, names=plan.names),
+                         student=student, teacher=None, tokenizer=tokenizer, teacher_tokenizer=None,
+                         student_revision=student_revision, teacher_revision=None,
+                         tokenizer_revision=tokenizer_revision, cache_dir=cache_dir,
+                         trust_remote_code=trust_remote_code, dtype=dtype, teacher_dtype=None, lora=lora,
+                         gradient_checkpointing=gradient_checkpointing, compile=compile, teacher_backend=None)
+    models.routes, models.tags = routes, {**models.tags, **tags, "teacher": None}
+    # one named teacher also serves the full-vocabulary inputs (several are refused above)
+    models.teacher_backend = next(iter(routes.values())).scorer if len(routes) == 1 else None
+    return models
+
+
+def load_routes(routes: dict[str, TeacherRoute], used, *, student_source, student_dtype: str, lora,
+                vocab_size: int) -> list[torch.nn.Module]:
+    """Load the models of the routed teachers in ``used`` (names); returns the torch models to register."""
+    out = []
+    for name in used:
+        r = routes[name]
+        if getattr(r, "loaded", False):
+            continue
+        r.model = r.scorer.load(r.source, r.dtype, student_source=student_source, student_dtype=student_dtype,
+                                lora=lora)
+        r.loaded = True
+        if r.model is not None and not r.cross:
+            shared_vocab_size(r.student_tokenizer, r.model)  # its LM head covers the shared vocabulary
+        if isinstance(r.model, torch.nn.Module):
+            out.append(r.model)
+    return out
 
 
 def shard_models(models, mesh, mixed_precision: Optional[str]) -> None:
@@ -96,3 +220,28 @@ def shard_models(models, mesh, mixed_precision: Optional[str]) -> None:
     for m in models:
         if isinstance(m, torch.nn.Module):
             shard_model(m, mesh, policy)
+
+
+def routed_teachers(routes: dict[str, TeacherRoute], keys, default: Optional[str], field: str) -> list[str]:
+    """The teachers that problems route to, checked in one line each: ``keys`` (``Task.teacher_keys``: the routing
+    values; empty: the task routes nothing, every problem goes to ``default``; None: unknown, every teacher)."""
+    names = list(routes)
+    if default is not None and default not in routes:
+        raise ConfigError("model.default_teacher", f"'{default}' is not in model.teachers ({', '.join(names)})")
+    if keys is None:
+        return names
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise ConfigError(field, f"problems route to teacher '{unknown[0]}', which model.teachers does not define "
+                          f"(it has {', '.join(names)})")
+    used = set(keys)
+    if not used:
+        if default is None and len(names) > 1:
+            raise ConfigError("model.default_teacher", f"the task routes no problem to a teacher; name the one "
+                              f"of {', '.join(names)} that scores them")
+        used = {default or names[0]}
+    idle = [n for n in names if n not in used]
+    if idle:
+        raise ConfigError(f"model.teachers.{idle[0]}", f"no problem routes to it (the task routes to "
+                          f"{', '.join(sorted(used))}); remove it or route problems to it")
+    return [n for n in names if n in used]

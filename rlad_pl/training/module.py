@@ -20,19 +20,24 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch, StepBatch
-from rlad_pl.core.logprobs import chunked_token_logprobs, response_hidden
 from rlad_pl.core.metrics import MeanPassAtK
 from rlad_pl.core.topk import check_top_k_vocab
 from rlad_pl.models.compiled import check_compile
-from rlad_pl.models.distributed import root_call
-from rlad_pl.objectives.base import (ENTROPY, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_TOPK, AggMode, Denominators,
-                                     Objective, StudentOutputs)
+from rlad_pl.objectives.base import (
+    AggMode,
+    Denominators,
+    Objective,
+    StudentOutputs,
+)
 from rlad_pl.objectives.plan import check_objectives, plan_objectives
 from rlad_pl.pipeline import Annotator, Policy, RolloutSettings
 from rlad_pl.teacher import TeacherScorer
+from rlad_pl.teacher.routes import TeacherConfig
 from rlad_pl.training.checkpointing import defer_sigint
 from rlad_pl.training.hooks import EvaluationHooks
-from rlad_pl.training.models import load_models, shard_models
+from rlad_pl.training.link import RolloutLink
+from rlad_pl.training.loss import student_outputs
+from rlad_pl.training.models import load_models, load_routes, routed_teachers, shard_models
 from rlad_pl.training.module_checks import check_groups, check_optimizer, check_settings
 from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.training.step_guard import StepGuard
@@ -45,19 +50,17 @@ def _default_optimizer(params):
 class DistillationModule(EvaluationHooks, L.LightningModule):
     """Student + frozen teacher + objectives: the models, the loss and the optimization.
 
-    The module never reads the data module: the ``RolloutLink`` callback hands it the rollout settings
-    (``configure_rollouts``) and gives the pipeline its models (``policy``); the optimizer steps arrive as
-    ``StepBatch``es that carry their rollout's statistics.
+    It never reads the data module: ``RolloutLink`` hands it the rollout settings (``configure_rollouts``) and
+    gives the pipeline its models (``policy``); the steps arrive as ``StepBatch``es carrying their statistics.
 
-    Args:
-        student: the trainable student: a local ``save_pretrained`` folder or a hub id ``org/name[@revision]``
-            (from the local Hugging Face cache, downloaded when missing unless ``HF_HUB_OFFLINE=1``).
+    Args (details: docs/configuration.md):
+        student: the trainable student: a local ``save_pretrained`` folder or a hub id ``org/name[@revision]``.
         objectives: one or more ``Objective`` instances (``class_path`` / ``init_args``), summed with their weights.
         teacher: the frozen teacher (folder or hub id); loaded only when an objective needs it.
         tokenizer: tokenizer folder or hub id (default: the student's, from the same snapshot).
-        teacher_tokenizer: teacher tokenizer checked against the student's (default: the teacher's).
-        student_revision, teacher_revision, tokenizer_revision: hub revision (branch, tag or commit) of a hub id;
-            the same as writing ``org/name@revision``.
+        teacher_tokenizer: the teacher's tokenizer (default: the teacher's). Another tokenizer than the student's
+            is scored on re-tokenized text (sampled-token objectives; docs/methods/cross_tokenizer.md).
+        student_revision, teacher_revision, tokenizer_revision: hub revision (branch, tag or commit) of a hub id.
         cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE`` / ``$HF_HOME/hub``).
         trust_remote_code: allow a hub model's own Python code (``auto_map``) to run. Off by default.
         loss_agg: default aggregation for objectives that do not set their own.
@@ -65,31 +68,25 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         lr_scheduler: optional scheduler factory, stepped once per optimizer step.
         grad_clip: max global gradient norm (None: no clipping).
         temperature: logits are divided by this before every log-prob and full-vocabulary distribution (student,
-            old policy, reference and teacher alike), so ratios and KLs compare distributions at one temperature.
-            Default (None): the rollout sampling temperature ``data.sampling.temperature`` (1.0 if it is 0).
+            old policy, reference, teacher). Default (None): ``data.sampling.temperature`` (1.0 if it is 0).
         logprob_chunk_size: sequence positions per LM-head chunk.
         annotate_batch_size: sequences per no-grad forward when computing old / reference / teacher log-probs.
         dtype: student weights dtype; ``teacher_dtype`` defaults to it.
         gradient_checkpointing: recompute transformer blocks in backward.
         log_entropy: log the student token entropy (computed in the same chunked pass).
-        log_sampler_mismatch: when the sampler reports log-probs (vLLM), recompute them with the training model and
-            log the per-token mismatch (``mismatch/*``): mean absolute difference and a KL estimate.
-        fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2), compute in this dtype (``bf16``, ``fp16``)
-            with fp32 gradient reduction and fp32 sharded master weights (FSDP2 ``MixedPrecisionPolicy``; GPU). None:
-            compute in the parameters' dtype.
-        max_consecutive_skipped_steps: a step whose loss (any micro-batch) or gradient is non-finite is skipped:
-            parameters, optimizer state and LR schedule stay bit-identical (counted in ``nonfinite/steps_skipped``,
-            one warning line the first time); after this many consecutive skipped steps the run stops with one line.
-        lora: PEFT ``LoraConfig`` fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ...) to train a LoRA
-            student (``rlad_pl.models.lora``): the optimizer and checkpoints hold only the adapters, and a teacher that is the initial
-            student (``model.teacher`` naming the student's files at the same dtype) or a reference model is the
-            student's base with adapters disabled, not a second loaded copy. None: full fine-tuning.
-        teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default: a frozen
-            Hugging Face model in the trainer, exact, every input) or ``VLLMTeacher`` (an in-process vLLM engine,
-            sampled-token log-probs by prefill).
-        compile: ``torch.compile`` the backbones of the training forward passes (``rlad_pl.models.compiled``): the
-            student's update and annotation passes and a local teacher. Agrees with eager to ~1e-5, not
-            bit-identical; not under ``ModelParallelStrategy`` yet; the sampler's decode loop stays eager.
+        log_sampler_mismatch: when the sampler reports log-probs (vLLM), log the train / inference mismatch.
+        fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2), compute in ``bf16`` / ``fp16`` with fp32
+            gradient reduction and master weights. None: the parameters' dtype.
+        max_consecutive_skipped_steps: a step with a non-finite loss or gradient is skipped (weights untouched,
+            ``nonfinite/steps_skipped``); this many in a row stop the run with one line.
+        lora: PEFT ``LoraConfig`` fields to train a LoRA student (``rlad_pl.models.lora``). None: full fine-tuning.
+        teacher_backend: how the teacher scores rollouts (``rlad_pl.teacher``): ``LocalTeacher`` (default),
+            ``VLLMTeacher`` or ``ServerTeacher``.
+        compile: ``torch.compile`` the training backbones (``rlad_pl.models.compiled``); ~1e-5 from eager.
+        teachers: named teachers instead of ``teacher`` (``rlad_pl.teacher.routes.TeacherConfig`` each: ``model``,
+            ``tokenizer``, ``revision``, ``dtype``, ``backend``, ``prompt_format``); the task routes each problem to
+            one (``Problem.teacher``); only routed teachers load; sampled-token objectives when several.
+        default_teacher: the teacher of problems that name none (default: the only one).
     """
 
     def __init__(self, student: str, objectives: list[Objective], teacher: Optional[str] = None,
@@ -103,7 +100,8 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
                  teacher_revision: Optional[str] = None, tokenizer_revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, trust_remote_code: bool = False,
                  max_consecutive_skipped_steps: int = 5, lora: Optional[dict[str, Any]] = None,
-                 teacher_backend: Optional[TeacherScorer] = None, compile: bool = False):
+                 teacher_backend: Optional[TeacherScorer] = None, compile: bool = False,
+                 teachers: Optional[dict[str, TeacherConfig]] = None, default_teacher: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler", "teacher_backend"])
         self.automatic_optimization = False
@@ -123,10 +121,13 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
                         teacher_revision=teacher_revision, tokenizer_revision=tokenizer_revision, cache_dir=cache_dir,
                         trust_remote_code=trust_remote_code, dtype=dtype, teacher_dtype=teacher_dtype, lora=lora,
                         gradient_checkpointing=gradient_checkpointing, compile=compile,
-                        teacher_backend=teacher_backend)
+                        teacher_backend=teacher_backend, teachers=teachers)
         self.tokenizer, self.student, self.lora = m.tokenizer, m.student, m.lora
         self.teacher_backend, self.teacher, self.reference = m.teacher_backend, m.teacher, m.reference
         self.model_tags, self.vocab_size = m.tags, m.vocab_size
+        self.routes, self.default_teacher, self._student_source = m.routes, default_teacher, m.student_source
+        self._named = bool(teachers)  # model.teachers (routed), not one model.teacher
+        self.teachers = torch.nn.ModuleDict()  # the routed teachers' models that run in the trainer
         self.compiled = bool(compile)  # (not ``self.compile``: that is nn.Module.compile)
         check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
         self.counters: dict[str, float] = defaultdict(float)
@@ -140,7 +141,8 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             self.register_state_dict_post_hook(drop_frozen_student_keys)
 
     # ------------------------------------------------------------------------------------------ the link
-    def configure_rollouts(self, settings: RolloutSettings, pass_k: list[int], buckets: Optional[list[str]]) -> None:
+    def configure_rollouts(self, settings: RolloutSettings, pass_k: list[int], buckets: Optional[list[str]],
+                           teacher_keys=None) -> None:
         """The data side's settings, handed over once before ``setup`` (``RolloutLink``): group objectives are
         checked against the group size and sampling, ``model.temperature`` defaults to the sampling temperature,
         and the validation metric covers the task's difficulty buckets."""
@@ -149,27 +151,41 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             self.temperature = float(settings.sampling.temperature)
         if buckets is not None:
             self.val_metric = MeanPassAtK(settings.val_k, pass_k, buckets)
+        if self._named:  # named teachers: load those problems route to
+            self._load_routes(routed_teachers(self.routes, teacher_keys, self.default_teacher, "data.task"))
+
+    def _load_routes(self, names) -> None:
+        self._routed = list(names)
+        for model in load_routes(self.routes, names, student_source=self._student_source,
+                                 student_dtype=self.hparams.dtype, lora=self.lora, vocab_size=self.vocab_size):
+            self.teachers[str(len(self.teachers))] = model
 
     def annotator(self) -> Annotator:
         """The frozen-model passes over a fresh rollout batch, with this module's models and settings."""
-        return Annotator(self.student, self.plan.inputs, teacher=self.teacher_backend, reference=self.reference,
-                         temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
-                         batch_size=self.annotate_batch_size, log_sampler_mismatch=self.log_sampler_mismatch)
+        if self._named and not hasattr(self, "_routed"):  # not linked: every named teacher
+            self._load_routes(list(self.routes))
+        routes = None if self.routes is None else {n: self.routes[n] for n in getattr(self, "_routed", self.routes)}
+        return Annotator(self.student, self.plan.inputs, teacher=self.teacher_backend, routes=routes,
+                         reference=self.reference, temperature=self.temperature, chunk_size=self.chunk_size,
+                         vocab_size=self.vocab_size, batch_size=self.annotate_batch_size,
+                         log_sampler_mismatch=self.log_sampler_mismatch)
 
     def policy(self) -> Policy:
         """What the rollout pipeline samples from and scores with."""
-        return Policy(self.student, self.tokenizer, self.annotator(), self.plan, teacher=self.teacher,
-                      teacher_tag=self.model_tags["teacher"])
+        ann = self.annotator()
+        return Policy(self.student, self.tokenizer, ann, self.plan, teacher=self.teacher,
+                      teacher_tag=self.model_tags["teacher"], teacher_names=list(ann.routes) if self._named else None,
+                      default_teacher=self.default_teacher,
+                      needs_prompt_texts=any(r.cross for r in (ann.routes or {}).values()))
 
     def configure_callbacks(self):
-        from rlad_pl.training.link import RolloutLink
-
         return [RolloutLink()]
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2-shard student, teacher and reference (``shard_models``)."""
         if self.device_mesh is not None:
-            shard_models((self.student, self.teacher, self.reference), self.device_mesh, self.fsdp_mixed_precision)
+            shard_models((self.student, self.teacher, self.reference, *self.teachers.values()), self.device_mesh,
+                         self.fsdp_mixed_precision)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -177,7 +193,9 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             check_compile(self.trainer.strategy.root_device, type(self.trainer.strategy).__name__)
 
     def teardown(self, stage: str) -> None:
-        self.teacher_backend.close()  # an engine-backed teacher frees its engine (a later scoring restarts it)
+        for scorer in {id(b): b for b in [self.teacher_backend] + [r.scorer for r in (self.routes or {}).values()]
+                       if b is not None}.values():
+            scorer.close()  # an engine-backed teacher frees its engine (a later scoring restarts it)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
@@ -195,31 +213,16 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in (self.teacher, self.reference):  # frozen models always stay in eval mode
+        for m in (self.teacher, self.reference, *self.teachers.values()):  # frozen models stay in eval mode
             if isinstance(m, torch.nn.Module):  # (a LoRA base view runs in eval mode by itself)
                 m.eval()
         return self
 
     # ------------------------------------------------------------------------------------------ the loss
     def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
-        hidden = root_call(self.student, response_hidden, self.student, batch.input_ids, batch.attention_mask,
-                           batch.prompt_len)
-        head = self.student.get_output_embeddings()
-        want_entropy = ENTROPY in self.plan.inputs or self.log_entropy
-        logp, ent = chunked_token_logprobs(hidden, head.weight, batch.response_ids, bias=getattr(head, "bias", None),
-                                           temperature=self.temperature, chunk_size=self.chunk_size,
-                                           with_entropy=want_entropy, vocab_size=self.vocab_size)
-        out = StudentOutputs(logprobs=logp, entropy=ent, vocab_size=self.vocab_size, temperature=self.temperature,
-                             step=self.global_step if self._trainer is not None else 0)
-        if STUDENT_HIDDEN in self.plan.inputs:
-            out.hidden, out.lm_head = hidden, head
-        if TEACHER_HIDDEN in self.plan.inputs:
-            out.teacher_hidden, out.teacher_lm_head = self.teacher_backend.hidden(batch)
-        if TEACHER_TOPK in self.plan.inputs:  # the largest teacher_top_k asked for; each objective truncates its own
-            out.teacher_topk = self.teacher_backend.topk(batch, k=self.plan.top_k,
-                                                         temperature=self.temperature, chunk_size=self.chunk_size,
-                                                         vocab_size=self.vocab_size)
-        return out
+        return student_outputs(self.student, batch, plan=self.plan, teacher=self.teacher_backend,
+                               temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                               log_entropy=self.log_entropy, step=self.global_step if self._trainer is not None else 0)
 
     def compute_loss(self, batch: RolloutBatch, denom: Denominators) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Weighted sum of the objectives on one micro-batch -> (loss, metrics, student log-probs)."""

@@ -15,7 +15,7 @@ from rlad_pl.training.step_guard import StepGuard
 #: the checkpoint entry of the training state
 STATE_KEY = "rlad_pl"
 #: submodules whose weights are never checkpointed
-FROZEN_PREFIXES = ("teacher.", "reference.")
+FROZEN_PREFIXES = ("teacher.", "teachers.", "reference.")
 
 
 def drop_frozen_keys(module, state_dict: dict, prefix: str = "", local_metadata=None) -> None:
