@@ -26,13 +26,14 @@ from typing import Optional
 from rlad_pl.core.errors import ConfigError, quiet_startup
 from rlad_pl.models.compiled import check_compile
 
+
 def _cli_class(state: dict):
     """The ``LightningCLI`` subclass; ``state["stage"]`` records how far startup got (for error messages) and
     ``state["started"]`` turns True when the subcommand (training itself) begins."""
     from lightning.pytorch.cli import LightningCLI
 
-    from rlad_pl.training.export import HFExport
     from rlad_pl.training.checkpointing import RolloutCheckpoint
+    from rlad_pl.training.export import HFExport
     from rlad_pl.training.tb_layout import TensorBoardOverview
 
     class RLADCLI(LightningCLI):

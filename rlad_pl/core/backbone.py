@@ -6,11 +6,11 @@ parameters and state dicts stay untouched."""
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-_REGISTERED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+_REGISTERED: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()
 
 
 def backbone(model: torch.nn.Module) -> Callable:

@@ -25,7 +25,8 @@ a time under activation checkpointing, so the ``[positions, V]`` logits of both 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

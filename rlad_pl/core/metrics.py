@@ -8,8 +8,8 @@ For a problem with n samples of which c are correct::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import comb
-from typing import Sequence
 
 import torch
 from torch import Tensor

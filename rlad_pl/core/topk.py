@@ -23,8 +23,9 @@ top-k values, so ``tail = log(1 - exp(logsumexp(topk)))`` (``log1mexp`` in fp64)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +55,14 @@ class TeacherTopK:
         return torch.nan_to_num(lp, nan=VOCAB_LOGPROB_FLOOR, neginf=VOCAB_LOGPROB_FLOOR, posinf=0.0).clamp(
             VOCAB_LOGPROB_FLOOR, 0.0)
 
-    def truncate(self, k: int) -> "TeacherTopK":
+    def truncate(self, k: int) -> TeacherTopK:
         """The top-``k`` of a top-``K`` (``k <= K``): the dropped entries' mass joins the tail."""
         if k >= self.k:
             return self
         tail = torch.logsumexp(torch.cat([self.logprobs[..., k:].float(), self.tail.float().unsqueeze(-1)], -1), -1)
         return TeacherTopK(self.ids[..., :k], self.logprobs[..., :k], tail)
 
-    def to(self, device) -> "TeacherTopK":
+    def to(self, device) -> TeacherTopK:
         return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
 
 

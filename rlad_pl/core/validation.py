@@ -3,12 +3,12 @@ naming the field and what was expected, so bad input fails in one line before an
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-
-import math
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from rlad_pl.core.errors import ConfigError
 

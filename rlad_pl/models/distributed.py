@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -142,8 +143,14 @@ def _resolve_hub(spec: str, field: str, kind: Kind, revision: Optional[str], rev
                  cache_dir: Optional[str | os.PathLike], trust_remote_code: bool) -> ModelSource:
     """``snapshot_download`` of the small metadata files only (``local_files_only`` when offline)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HFValidationError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     from huggingface_hub.file_download import repo_folder_name
 
     looked = f"looked in {Path.cwd()} and in {PACKAGE_DIR}"
@@ -324,7 +331,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 PROBE_TEXT = "a b  c\n\t1+2=3; Hello, World! x_y"
 
 
-def faithful_tokenizer(tok, src: "ModelSource"):
+def faithful_tokenizer(tok, src: ModelSource):
     """``tok``, or the saved ``tokenizer.json`` pipeline when transformers' class for the model type encodes
     differently from it.
 

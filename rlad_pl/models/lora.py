@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ class LoraStudent:
     def model(self) -> nn.Module:
         return self.peft_model.base_model.model
 
-    def base_view(self) -> "BaseModelView":
+    def base_view(self) -> BaseModelView:
         return BaseModelView(self.model)
 
 

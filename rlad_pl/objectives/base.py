@@ -75,7 +75,7 @@ class Denominators:
     max_response_len: float
 
     @classmethod
-    def of(cls, mask: Tensor, max_response_len: Optional[float] = None) -> "Denominators":
+    def of(cls, mask: Tensor, max_response_len: Optional[float] = None) -> Denominators:
         """Denominators of a single batch (used when a step has one micro-batch, and in tests)."""
         return cls(float(mask.sum()), float(mask.shape[0]),
                    float(mask.shape[1] if max_response_len is None else max_response_len))

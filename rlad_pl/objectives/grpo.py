@@ -19,8 +19,16 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives.base import (ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS, SAMPLER_LOGPROBS, StudentOutputs,
-                                     TokenObjective, masked_mean, sanitize_logprobs)
+from rlad_pl.objectives.base import (
+    ADVANTAGES,
+    OLD_LOGPROBS,
+    REF_LOGPROBS,
+    SAMPLER_LOGPROBS,
+    StudentOutputs,
+    TokenObjective,
+    masked_mean,
+    sanitize_logprobs,
+)
 
 KLEstimator = Literal["k1", "k2", "k3"]
 #: log-ratios are clamped to +-LOG_RATIO_LIMIT before exp so that extreme ratios stay finite (exp(20) ~ 4.9e8)

@@ -25,13 +25,28 @@ import torch
 from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
-from rlad_pl.core.divergences import (chunked_divergence, clipped_forward_kl_lp, entropy_lp, forward_kl_lp,
-                                 generalized_jsd_lp, reverse_kl_lp, skew_forward_kl_lp, skew_reverse_kl_lp,
-                                 student_logprobs, teacher_logprobs)
+from rlad_pl.core.divergences import (
+    chunked_divergence,
+    clipped_forward_kl_lp,
+    entropy_lp,
+    forward_kl_lp,
+    generalized_jsd_lp,
+    reverse_kl_lp,
+    skew_forward_kl_lp,
+    skew_reverse_kl_lp,
+    student_logprobs,
+    teacher_logprobs,
+)
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives.base import (STUDENT_HIDDEN, TEACHER_HIDDEN,
-                                     TEACHER_TOPK, StudentOutputs, TokenObjective, masked_mean)
 from rlad_pl.core.topk import check_top_k_value, chunked_topk_divergence, student_buckets
+from rlad_pl.objectives.base import (
+    STUDENT_HIDDEN,
+    TEACHER_HIDDEN,
+    TEACHER_TOPK,
+    StudentOutputs,
+    TokenObjective,
+    masked_mean,
+)
 
 Divergence = Literal["forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward"]
 PrefixSource = Literal["student", "teacher", "dataset"]

@@ -20,8 +20,15 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives.base import (OLD_LOGPROBS, SAMPLER_LOGPROBS, TEACHER_LOGPROBS, StudentOutputs, TokenObjective,
-                                     masked_mean, sanitize_logprobs)
+from rlad_pl.objectives.base import (
+    OLD_LOGPROBS,
+    SAMPLER_LOGPROBS,
+    TEACHER_LOGPROBS,
+    StudentOutputs,
+    TokenObjective,
+    masked_mean,
+    sanitize_logprobs,
+)
 from rlad_pl.objectives.grpo import LOG_RATIO_LIMIT, old_logprobs_of
 from rlad_pl.objectives.kl import ReverseKL
 

@@ -16,9 +16,20 @@ from typing import Optional
 
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.core.topk import requested_top_k
-from rlad_pl.objectives.base import (DATASET_PREFIXES, KNOWN_INPUTS, PRIVILEGED_PROMPT, RESPONSE_SOURCES,
-                                     SOURCE_MARKERS, TEACHER_INPUT_NAMES, TEACHER_PREFIXES, TEACHER_PROMPTS, AggMode,
-                                     Objective, ResponseSource, TeacherPrompt)
+from rlad_pl.objectives.base import (
+    DATASET_PREFIXES,
+    KNOWN_INPUTS,
+    PRIVILEGED_PROMPT,
+    RESPONSE_SOURCES,
+    SOURCE_MARKERS,
+    TEACHER_INPUT_NAMES,
+    TEACHER_PREFIXES,
+    TEACHER_PROMPTS,
+    AggMode,
+    Objective,
+    ResponseSource,
+    TeacherPrompt,
+)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,17 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.objectives.base import (
+    TEACHER_LOGPROBS,
+    Denominators,
+    LossOutput,
+    Objective,
+    StudentOutputs,
+    TokenObjective,
+    per_sample_token_mean,
+    sanitize_logprobs,
+)
 from rlad_pl.objectives.plan import declared
-from rlad_pl.objectives.base import (TEACHER_LOGPROBS, Denominators, LossOutput, Objective, StudentOutputs,
-                                     TokenObjective, per_sample_token_mean, sanitize_logprobs)
 
 WeightNorm = Literal["batch_mean", "none", "clamp", "ema"]
 NormScope = Literal["micro_batch", "global"]

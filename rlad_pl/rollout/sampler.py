@@ -36,7 +36,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.validate("sampling")
 
-    def validate(self, prefix: str) -> "SamplingParams":
+    def validate(self, prefix: str) -> SamplingParams:
         """Raise ``ConfigError`` naming ``<prefix>.<field>`` for a value no engine can honour (instead of an engine
         traceback or a silent change): temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, n >= 1."""
         from rlad_pl.core.validation import check_float, check_int
@@ -49,7 +49,7 @@ class SamplingParams:
         check_int(f"{prefix}.seed", self.seed, minimum=0)
         return self
 
-    def with_(self, **changes) -> "SamplingParams":
+    def with_(self, **changes) -> SamplingParams:
         return replace(self, **changes)
 
 

@@ -23,10 +23,8 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Optional
 
 import lightning as L

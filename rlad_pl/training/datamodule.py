@@ -9,7 +9,8 @@ data module never calls the ``LightningModule``: the models reach the pipeline t
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import lightning as L
 import torch

@@ -7,8 +7,6 @@ arrive (``configure_rollouts``): group objectives against the group size and the
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rlad_pl.core.errors import ConfigError, warn_once

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import lightning as L
 
