@@ -34,7 +34,9 @@ def _fit(tmp_path, name: str, epochs: int, *extra: str):
 
 def test_every_config_has_a_fit_test():
     # grpo: tests/test_cli_fit.py; the LoRA configs: tests/test_lora.py (reward rises / divergence falls)
-    shipped = {p.stem for p in CONFIGS.glob("*_tiny.yaml")} - {"grpo_tiny", "grpo_lora_tiny", "opsd_lora_tiny"}
+    # multi_teacher_tiny: tests/test_multi_teacher.py
+    shipped = {p.stem for p in CONFIGS.glob("*_tiny.yaml")} - {"grpo_tiny", "grpo_lora_tiny", "opsd_lora_tiny",
+                                                                "multi_teacher_tiny"}
     assert shipped <= set(METHOD_CONFIGS), shipped - set(METHOD_CONFIGS)
 
 

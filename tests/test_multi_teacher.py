@@ -109,3 +109,24 @@ def test_one_teacher_map_gives_todays_losses_exactly(tmp_path):
     assert list(named.model.routes) == ["only"] and len(named.model.teachers) == 1
     for tag in ("train/loss", "trrd/loss", "rollout/reward_mean", "train/grad_norm"):
         assert scalars(one.trainer.log_dir, tag) == scalars(named.trainer.log_dir, tag), tag
+
+
+def test_multi_teacher_config_routes_by_its_column(tmp_path):
+    """``configs/multi_teacher_tiny.yaml``: rows go to ``even`` / ``odd`` by their ``teacher`` column; both teachers
+    score, the per-teacher metrics add up to the batch."""
+    import math
+
+    from rlad_pl.testing.runs import read_scalars
+
+    cli = run_cli("fit", "--config", str(CONFIGS / "multi_teacher_tiny.yaml"), "--trainer.max_epochs", "2",
+                  "--trainer.default_root_dir", str(tmp_path), "--export.enabled", "false",
+                  "--trainer.check_val_every_n_epoch", "100")
+    assert cli.model._routed == ["even", "odd"] and len(cli.model.teachers) == 2
+    s = read_scalars(cli.trainer.log_dir)
+    for step in range(2):
+        n = sum(s[f"teacher/{t}/sequences"][step][1] for t in ("even", "odd"))
+        assert n == 64  # 8 prompts x 8 samples, every row scored by its own teacher
+    assert all(math.isfinite(v) for _, v in s["train/loss"])
+    problems = cli.datamodule.task.problems("train", 8)
+    assert {p.teacher for p in problems} == {"even", "odd"}
+    assert all(p.teacher == ("even" if int(p.answer.split("####")[-1]) % 2 == 0 else "odd") for p in problems)

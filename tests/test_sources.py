@@ -104,7 +104,8 @@ def test_a_fit_records_the_commits_of_models_tokenizer_and_dataset(hub, tmp_path
                   "--data.task.name", "main", "--data.task.val_fraction", "0.25", "--data.task.cache_dir", str(cache),
                   "--data.val_prompts", "2", "--data.prompts_per_rollout", "2", "--data.group_size", "2")
     expected = {"student": f"org/tiny@{COMMIT_A}", "tokenizer": f"org/tiny@{COMMIT_A}",
-                "teacher": f"org/tiny@{COMMIT_B}", "dataset": f"someorg/tiny-sums@{COMMIT_D}"}
+                "teacher": f"org/tiny@{COMMIT_B}", "teacher_tokenizer": f"org/tiny@{COMMIT_B}",
+                "dataset": f"someorg/tiny-sums@{COMMIT_D}"}
     log_dir = Path(cli.trainer.log_dir)
     hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
     assert hparams["sources"] == expected

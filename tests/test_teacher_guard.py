@@ -1,4 +1,6 @@
-"""Teacher compatibility guard: vocabularies and special tokens must match; padded embeddings are handled."""
+"""Teacher compatibility guard: a teacher with another vocabulary or other special tokens serves the sampled-token
+objectives through re-tokenized text and is refused, in one line, for full-vocabulary ones; padded embeddings are
+handled."""
 
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ from rlad_pl.testing.builders import build_char_tokenizer, build_tiny_qwen2, sav
 from rlad_pl.training.module import DistillationModule
 
 
-def test_different_vocabularies_fail_in_one_line(tmp_path):
+def test_different_vocabularies_fail_in_one_line_for_full_vocabulary_objectives(tmp_path):
     student = save_tiny_model(tmp_path / "s")
     teacher = save_tiny_model(tmp_path / "t", chars=list("0123456789xyz"))
     with pytest.raises(ConfigError) as exc:
-        DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD()])
+        DistillationModule(student=str(student), teacher=str(teacher), objectives=[ForwardKL()])
     msg = str(exc.value)
     assert msg.startswith("model.teacher: teacher and student vocabularies differ") and "\n" not in msg
-    assert "only in student" in msg
+    assert "only in student" in msg and "sampled-token objective (OPDSampled, KDRL, TRRD, ReNIO)" in msg
+    # a sampled-token objective scores re-tokenized text instead (rlad_pl.teacher.routes)
+    module = DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD()])
+    assert module.routes["teacher"].cross
 
 
 def test_different_special_tokens_fail(tmp_path):
@@ -29,7 +34,8 @@ def test_different_special_tokens_fail(tmp_path):
     build_tiny_qwen2(len(tok)).save_pretrained(teacher)
     tok.save_pretrained(teacher)
     with pytest.raises(ConfigError, match=r"^model\.teacher: teacher and student special tokens differ: eos_token_id"):
-        DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD()])
+        DistillationModule(student=str(student), teacher=str(teacher), objectives=[ForwardKL()])
+    assert DistillationModule(student=str(student), teacher=str(teacher), objectives=[TRRD()]).routes["teacher"].cross
 
 
 def test_missing_teacher_names_the_field(tmp_path):
