@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rlad_pl import divergences as D
+from rlad_pl.core import divergences as D
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.divergences import chunked_divergence
 from rlad_pl.core.errors import ConfigError

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlad_pl import divergences as D
+from rlad_pl.core import divergences as D
 from conftest import make_batch
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import (GRPO, KDRL, OPSD, SFT, Denominators, Objective, OPDSampled, ReNIO, StudentOutputs,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rlad_pl import divergences as D
+from rlad_pl.core import divergences as D
 from rlad_pl.core.batch import RolloutBatch, build_sequences
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, OPSD, Denominators, LossOutput, Objective, OPDSampled, ReNIO, StudentOutputs

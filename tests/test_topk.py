@@ -180,7 +180,7 @@ def test_cli_fit_with_top_k_forward_kl_lowers_its_divergence(tmp_path):
                   "--export.enabled", "false", "--model.objectives",
                   "[{class_path: rlad_pl.objectives.ForwardKL, init_args: {teacher_top_k: 8}}]")
     obj = cli.model.objectives[0]
-    assert obj.teacher_top_k == 8 and TEACHER_TOPK in cli.model.requires and TEACHER_HIDDEN not in cli.model.requires
+    assert obj.teacher_top_k == 8 and TEACHER_TOPK in cli.model.plan.inputs and TEACHER_HIDDEN not in cli.model.plan.inputs
     log_dir = Path(cli.trainer.log_dir)
     kl, tail = scalars(log_dir, "forwardkl/divergence"), scalars(log_dir, "forwardkl/tail_mass")
     assert len(kl) == 12 and all(0.0 < t < 1.0 for t in tail), tail  # measured 0.797 (near-uniform tiny teacher)

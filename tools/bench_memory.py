@@ -56,7 +56,7 @@ def _reset_peak() -> bool:
 def worker(args) -> None:
     import torch
 
-    from rlad_pl import divergences as D
+    from rlad_pl.core import divergences as D
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

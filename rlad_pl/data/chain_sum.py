@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from rlad_pl.data.tasks import Problem, Split, Task
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.data.tasks import Problem, Split, Task
 
 #: characters of the chain_sum format (the demo tokenizer is ``<pad> <bos> <eos>`` followed by these)
 CHAIN_SUM_CHARS = list("0123456789+-=;#")

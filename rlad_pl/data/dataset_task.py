@@ -10,8 +10,10 @@ columns to ``Problem`` fields, makes the validation / test splits and picks the 
   with ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) only the cache is used.
 * Field mapping: ``prompt_field`` or ``prompt_template`` (a format string over the row, ``"{question} Put the
   final answer after ####."``), ``answer_field``, ``difficulty_field``, ``solution_field`` / ``solution_template``
-  (reference responses for dataset-prefix objectives such as SFT) and ``privileged_field`` /
-  ``privileged_template`` (the teacher's privileged prompt for self-distillation, OPSD).
+  (reference responses for dataset-prefix objectives such as SFT), ``privileged_field`` /
+  ``privileged_template`` (the teacher's privileged prompt for self-distillation, OPSD) and ``teacher_field`` (the
+  column naming the teacher that scores each row, a key of ``model.teachers``; verl's ``teacher_key``, TRL's
+  ``teacher_id``).
 * Splits: training rows come from ``split``; validation from ``val_split`` or, by default, a held-out
   ``val_fraction`` (0.1) of the training split; test from ``test_split``, a held-out ``test_fraction``, or else
   the validation rows. Held-out rows never appear in training. With a ``difficulty_field`` the held-out rows are
@@ -33,12 +35,13 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
+from rlad_pl.core.errors import ConfigError
 from rlad_pl.data.tasks import Problem, Split, Task, json_lines, read_utf8
 from rlad_pl.data.verifiers import MathVerifier
-from rlad_pl.core.errors import ConfigError
 
 #: file suffix -> ``datasets`` packaged builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -119,6 +122,8 @@ class DatasetTask(Task):
         verifier: a callable ``(completion, problem) -> float`` replacing ``MathVerifier``.
         seed: seed of the held-out selection and of the row order.
         shuffle: shuffle rows (within difficulty buckets for evaluation splits).
+        teacher_field: column whose value (text or integer, never null or empty) routes each row to a teacher
+            (``Problem.teacher``, a key of ``model.teachers``). None: every row goes to the default teacher.
     """
 
     prefetch_safe = True  # problems() is a pure function of its arguments
@@ -132,7 +137,8 @@ class DatasetTask(Task):
                  solution_field: Optional[str] = None, privileged_field: Optional[str] = None,
                  prompt_template: Optional[str] = None, solution_template: Optional[str] = None,
                  privileged_template: Optional[str] = None, answer_pattern: Optional[str] = None,
-                 verifier: Optional[Callable[[str, Problem], float]] = None, seed: int = 0, shuffle: bool = True):
+                 verifier: Optional[Callable[[str, Problem], float]] = None, seed: int = 0, shuffle: bool = True,
+                 teacher_field: Optional[str] = None):
         f = self.field
         if val_split is not None and val_fraction is not None:
             raise ConfigError(f"{f}.val_fraction", f"set either val_split ('{val_split}') or val_fraction, not both")
@@ -158,7 +164,7 @@ class DatasetTask(Task):
         self.prompt_field, self.answer_field, self.difficulty_field = prompt_field, answer_field, difficulty_field
         self.solution_field, self.privileged_field = solution_field, privileged_field
         self.prompt_template, self.solution_template = prompt_template, solution_template
-        self.privileged_template = privileged_template
+        self.privileged_template, self.teacher_field = privileged_template, teacher_field
         self.verifier = verifier if verifier is not None else MathVerifier(answer_pattern)
         self._load_args = dict(data_files=data_files, revision=revision, cache_dir=cache_dir, **(load_kwargs or {}))
 
@@ -194,6 +200,25 @@ class DatasetTask(Task):
         else:
             self.splits["test"] = self.splits["val"]
         self._cache: dict[tuple[str, int], Problem] = {}
+        self._teacher_keys = self._distinct_teachers()
+
+    def _distinct_teachers(self) -> set[str]:
+        """The distinct ``teacher_field`` values over the datasets the splits serve (every row of each is served:
+        the training split's rows are trained on or held out), read from the Arrow columns."""
+        import pyarrow.compute as pc
+
+        if self.teacher_field is None:
+            return set()
+        keys: set[str] = set()
+        for ds in {id(ds): ds for ds, _ in self.splits.values()}.values():
+            if getattr(ds, "_indices", None) is not None:
+                ds = ds.flatten_indices()
+            keys.update(str(v) for v in pc.unique(ds.data.table.column(self.teacher_field)).to_pylist())
+        return keys
+
+    def teacher_keys(self) -> Optional[set[str]]:
+        """The distinct values of ``teacher_field`` over every split (empty without one)."""
+        return set(self._teacher_keys)
 
     # ----------------------------------------------------------------------------------------- loading
     def _load(self, split: str, key: str):
@@ -335,6 +360,31 @@ class DatasetTask(Task):
                 shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
                 raise ConfigError(f"{self.field}.path", f"{self._row(split, 0)}: '{self.prompt_field}' is {kind} "
                                   f"{shown}, not text; a prompt must be a string (or build it with prompt_template)")
+        if self.teacher_field is not None:
+            self._check_teacher_column(table, split)
+
+    def _check_teacher_column(self, table, split: str) -> None:
+        """``teacher_field`` holds a teacher name in every row: text or integers, no null, no empty text."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = self.teacher_field
+        column, kind = table.column(col), table.column(col).type
+        need = "with teacher_field every row names the teacher that scores it (a key of model.teachers)"
+        if column.null_count:
+            i = pc.index(pc.is_null(column), True).as_py()
+            raise ConfigError(f"{self.field}.path", f"{self._row(split, i)}: '{col}' is null (or missing); {need}")
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if not (text or pa.types.is_integer(kind)):
+            value = column[0].as_py()
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ConfigError(f"{self.field}.path", f"{self._row(split, 0)}: '{col}' is {kind} {shown}, not a "
+                              f"teacher name (text or an integer); {need}")
+        if text:
+            blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+            if pc.any(blank).as_py():
+                i = pc.index(blank, True).as_py()
+                raise ConfigError(f"{self.field}.path", f"{self._row(split, i)}: '{col}' is empty; {need}")
 
     def _row(self, split: str, i: int) -> str:
         """``'<path>' split '<split>' row <i>``, with the line number of a local ``.jsonl`` file."""
@@ -356,7 +406,7 @@ class DatasetTask(Task):
         else:
             needed = [("prompt_field", self.prompt_field)]
         needed.append(("answer_field", self.answer_field))
-        for key in ("difficulty_field", "solution_field", "privileged_field"):
+        for key in ("difficulty_field", "solution_field", "privileged_field", "teacher_field"):
             if getattr(self, key) is not None:
                 needed.append((key, getattr(self, key)))
         for key in ("solution_template", "privileged_template"):
@@ -405,7 +455,7 @@ class DatasetTask(Task):
                 answer=str(row[self.answer_field]), difficulty=col(self.difficulty_field),
                 privileged=fmt(self.privileged_template) if self.privileged_template else col(self.privileged_field),
                 solution=fmt(self.solution_template) if self.solution_template else col(self.solution_field),
-                metadata={"row": row, "index": i})
+                metadata={"row": row, "index": i}, teacher=col(self.teacher_field))
         return self._cache[(split, i)]
 
     def rows(self, split: Split) -> list[int]:

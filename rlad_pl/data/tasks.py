@@ -102,6 +102,22 @@ def check_row(row: Any, field: str, where: str, prompt_key: Optional[str], answe
                           "prompt_template)")
 
 
+def teacher_value(row: dict, key: str, field: str, where: str) -> str:
+    """The routing value of a row (``teacher_field``): the name of the teacher that scores it (a key of
+    ``model.teachers``). A missing, null or empty value, or one that is not text or an integer, is one
+    ``ConfigError`` naming ``field``, the row (``where``) and the key."""
+    need = "with teacher_field every row names the teacher that scores it (a key of model.teachers)"
+    if row.get(key) is None:
+        raise ConfigError(field, f"{where}: '{key}' is {'null' if key in row else 'missing'}; {need}")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(field, f"{where}: '{key}' is {type(value).__name__} {_short(value)}, not a teacher name; "
+                          f"{need}")
+    if not str(value).strip():
+        raise ConfigError(field, f"{where}: '{key}' is empty; {need}")
+    return str(value)
+
+
 def read_utf8(path: Path, field: str) -> str:
     """The text of a data file; a byte that is not UTF-8 is one ``ConfigError`` naming the file and line (``datasets``
     would fail late, on first access, with a raw traceback)."""
@@ -155,6 +171,12 @@ class ReasoningGymTask(Task):
         privileged_template: format string for the privileged context (self-distillation), e.g.
             ``"{question}\\nReference answer: {answer}"``.
         solution_template: format string for the reference response (dataset prefixes), e.g. ``"#{answer}"``.
+        teacher_by_dataset: route each problem to the teacher named after the reasoning-gym dataset it came from
+            (``Problem.teacher``, a key of ``model.teachers``): for ``composite`` the sub-dataset of the item
+            (its ``metadata.source_dataset``), otherwise ``dataset`` itself.
+
+    Several datasets: ``dataset: composite`` with ``config: {datasets: [{name: chain_sum, weight: 1, config: {...}},
+    {name: basic_arithmetic}]}`` (``weight`` defaults to 1 and ``config`` to ``{}``; a bare name is a spec too).
     """
 
     prefetch_safe = True  # problems() is a pure function of its arguments
@@ -163,7 +185,8 @@ class ReasoningGymTask(Task):
                  seeds: Optional[dict[str, int]] = None, sizes: Optional[dict[str, int]] = None,
                  prompt_template: str = "{question}", answer_pattern: Optional[str] = None,
                  exact_match: bool = False, difficulty_keys: Optional[list[str]] = None,
-                 privileged_template: Optional[str] = None, solution_template: Optional[str] = None):
+                 privileged_template: Optional[str] = None, solution_template: Optional[str] = None,
+                 teacher_by_dataset: bool = False):
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
@@ -178,6 +201,9 @@ class ReasoningGymTask(Task):
         self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
         self.exact_match, self.difficulty_keys = exact_match, difficulty_keys
         self.privileged_template, self.solution_template = privileged_template, solution_template
+        self.teacher_by_dataset = bool(teacher_by_dataset)
+        if dataset == "composite":
+            self.config["datasets"] = self._specs(self.config.get("datasets"))
         self._datasets: dict[str, Any] = {}
         try:
             self._dataset("val")
@@ -187,6 +213,50 @@ class ReasoningGymTask(Task):
         version = getattr(reasoning_gym, "__version__", None)  # the generator's code is the data
         self.source_tag = f"reasoning_gym/{dataset}" + (f"@{version}" if version else "")
         self.problems("val", 1)  # a template naming a missing field fails here, not at the first rollout
+
+    def _specs(self, specs: Any) -> list:
+        """``composite`` sub-datasets as reasoning-gym ``DatasetSpec`` (from YAML: dicts or bare names)."""
+        from reasoning_gym.composite import DatasetSpec
+
+        field = f"{self.field}.config.datasets"
+        if not isinstance(specs, (list, tuple)) or not specs:
+            raise ConfigError(field, f"composite needs a list of datasets ({{name, weight, config}} each), got "
+                              f"{_short(specs)}")
+        out = []
+        for i, spec in enumerate(specs):
+            if isinstance(spec, str):
+                spec = {"name": spec}
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - {"name", "weight", "config"})
+                if "name" not in spec or unknown:
+                    raise ConfigError(f"{field}[{i}]", f"expected keys name (required), weight, config; got "
+                                      f"{', '.join(map(str, spec)) or 'none'}")
+                spec = DatasetSpec(name=spec["name"], weight=spec.get("weight", 1.0),
+                                   config=dict(spec.get("config") or {}))
+            if not isinstance(spec, DatasetSpec):
+                raise ConfigError(f"{field}[{i}]", f"expected a dataset name or {{name, weight, config}}, got "
+                                  f"{_short(spec)}")
+            out.append(spec)
+        return out
+
+    def teacher_keys(self) -> Optional[set[str]]:
+        """With ``teacher_by_dataset``: the dataset names (the sub-datasets of ``composite``); else none."""
+        if not self.teacher_by_dataset:
+            return set()
+        if self.name == "composite":
+            return {spec.name for spec in self.config["datasets"]}
+        return {self.name}
+
+    def _teacher(self, meta: dict, where: str) -> Optional[str]:
+        if not self.teacher_by_dataset:
+            return None
+        if self.name != "composite":
+            return self.name
+        source = meta.get("source_dataset")
+        if source not in self.teacher_keys():
+            raise ConfigError(f"{self.field}.teacher_by_dataset", f"{where}: its metadata names no sub-dataset "
+                              f"(source_dataset: {_short(source)}); cannot route it to a teacher")
+        return str(source)
 
     def _dataset(self, split: Split):
         if split not in self._datasets:
@@ -216,7 +286,7 @@ class ReasoningGymTask(Task):
             out.append(Problem(prompt=fill("prompt_template"), answer=str(entry["answer"]),
                                difficulty=self._difficulty(entry["metadata"]),
                                privileged=fill("privileged_template"), solution=fill("solution_template"),
-                               metadata={"entry": entry}))
+                               metadata={"entry": entry}, teacher=self._teacher(entry["metadata"], where)))
         return out
 
     def verify(self, completion: str, problem: Problem) -> float:
@@ -236,6 +306,8 @@ class JSONLTask(Task):
             object (the solution is the reference response used by dataset-prefix objectives such as SFT).
         prompt_template: format string over the object's fields, e.g. ``"{problem} Put the answer in \\\\boxed{{}}."``
         answer_pattern: optional regex applied before ``math-verify`` parses the completion.
+        teacher_field: key whose value routes each row to a teacher (``Problem.teacher``, a key of
+            ``model.teachers``); every row must hold a non-empty value. None: the default teacher.
     """
 
     prefetch_safe = True  # problems() is a pure function of its arguments
@@ -243,14 +315,21 @@ class JSONLTask(Task):
     def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
                  prompt_field: str = "prompt", answer_field: str = "answer", difficulty_field: Optional[str] = None,
                  privileged_field: Optional[str] = None, solution_field: Optional[str] = None, prompt_template: Optional[str] = None,
-                 answer_pattern: Optional[str] = None, shuffle_seed: Optional[int] = 0):
+                 answer_pattern: Optional[str] = None, shuffle_seed: Optional[int] = 0,
+                 teacher_field: Optional[str] = None):
         self.fields = (prompt_field, answer_field, difficulty_field, privileged_field, solution_field)
+        self.teacher_field = teacher_field
         self.prompt_template, self.answer_pattern = prompt_template, answer_pattern
         self.data = {"train": self._load(train_path, "train_path")}
         self.data["val"] = self._load(val_path, "val_path") if val_path else self.data["train"]
         self.data["test"] = self._load(test_path, "test_path") if test_path else self.data["val"]
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(self.data["train"])
+        self._teacher_keys = {p.teacher for rows in self.data.values() for p in rows if p.teacher is not None}
+
+    def teacher_keys(self) -> Optional[set[str]]:
+        """The distinct ``teacher_field`` values over the train / val / test files (empty without one)."""
+        return set(self._teacher_keys)
 
     def _load(self, path: str, name: str) -> list[Problem]:
         p = Path(path)
@@ -258,16 +337,24 @@ class JSONLTask(Task):
             raise ConfigError(f"{self.field}.{name}", f"no such file '{path}'")
         prompt_f, answer_f, diff_f, priv_f, sol_f = self.fields
         out = []
-        for lineno, row in json_lines(p, f"{self.field}.{name}"):
+        rows = json_lines(p, f"{self.field}.{name}")
+        teacher_f = self.teacher_field
+        if teacher_f is not None and rows and not any(isinstance(r, dict) and teacher_f in r for _, r in rows):
+            seen = dict.fromkeys(k for _, r in rows if isinstance(r, dict) for k in r)
+            raise ConfigError(f"{self.field}.teacher_field", f"no field '{teacher_f}' in any row of {path} (fields: "
+                              f"{', '.join(map(str, seen)) or 'none'})")
+        for lineno, row in rows:
             check_row(row, f"{self.field}.{name}", f"{path}:{lineno}",
                       prompt_f if self.prompt_template is None else None, answer_f)
+            teacher = (teacher_value(row, teacher_f, f"{self.field}.{name}", f"{path}:{lineno}")
+                       if teacher_f is not None else None)
             prompt = (format_template(self.prompt_template, row, f"{self.field}.prompt_template", f"{path}:{lineno}")
                       if self.prompt_template else str(row[prompt_f]))
             out.append(Problem(prompt=prompt, answer=str(row[answer_f]),
                                difficulty=str(row[diff_f]) if diff_f and diff_f in row else None,
                                privileged=str(row[priv_f]) if priv_f and priv_f in row else None,
                                solution=str(row[sol_f]) if sol_f and sol_f in row else None,
-                               metadata={"row": row}))
+                               metadata={"row": row}, teacher=teacher))
         if not out:
             raise ConfigError(f"{self.field}.{name}", f"{path} holds no problems")
         return out
