@@ -10,8 +10,8 @@ Bad input ends in one line on stderr that names the field (exit code 2).
 The first screen carries what a user can act on: third-party lines that they cannot (Lightning's advertising tips,
 deprecations inside Lightning, Lightning warnings that do not apply to on-policy training, vLLM's notes on settings
 rlad_pl makes on purpose) are silenced at their source, each by its exact message
-(``rlad_pl.core.errors.quiet_startup``). vLLM logs warnings and errors only (``VLLM_LOGGING_LEVEL=WARNING`` unless set; set it to
-``INFO`` for vLLM's engine details).
+(``rlad_pl.core.errors.quiet_startup``). vLLM logs warnings and errors only (``VLLM_LOGGING_LEVEL=WARNING`` unless set;
+set it to ``INFO`` for vLLM's engine details).
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def _one_line(err: BaseException) -> str:
     bad_class = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", text)
     if bad_class and not bad_class.group(2).startswith(("Parser key", "Option ")):  # the class itself is unusable
         expected = _EXPECTED_CLASS.get(field, "an importable class")
-        return f"{field}: cannot use class_path '{bad_class.group(1)}' ({bad_class.group(2).strip()}); expected {expected}"
+        return (f"{field}: cannot use class_path '{bad_class.group(1)}' ({bad_class.group(2).strip()}); "
+                f"expected {expected}")
     where = f" (in {bad_class.group(1)})" if bad_class and not _is_dataclass_path(bad_class.group(1)) else ""
     choice = _literal_choice(chain)
     if choice is not None:  # a typo in an enumerated option

@@ -42,10 +42,12 @@ FILES = {
     "interp_typo.yaml": "model:\n  tokenizer: ${model.studnt}\n",
     "syntax.yaml": "model:\n  student: [unclosed\n  grad_clip: 1.0\n",
     "tab.yaml": "model:\n\tgrad_clip: 1.0\n",
-    "weight_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n      init_args: {weight: .nan}\n",
+    "weight_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n"
+                       "      init_args: {weight: .nan}\n",
     "dup_names.yaml": ("model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n"
                        "    - class_path: rlad_pl.objectives.GRPO\n      init_args: {eps_high: 0.2}\n"),
-    "eps_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n      init_args: {eps_high: .nan}\n",
+    "eps_nan.yaml": "model:\n  objectives:\n    - class_path: rlad_pl.objectives.GRPO\n"
+                    "      init_args: {eps_high: .nan}\n",
     "ok.jsonl": '{"prompt": "1+1=", "answer": "2"}\n',
     "latin1.jsonl": b'{"prompt": "caf\xe9", "answer": "1"}\n',
     "malformed.jsonl": '{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n',

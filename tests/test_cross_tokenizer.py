@@ -361,7 +361,8 @@ def test_cross_route_keeps_the_teachers_probability_of_the_text():
 
     stok = build_char_tokenizer()
     ttok = byte_bpe([("1", "2"), ("=", "3"), ("3", "4"), (";", "#")])
-    ttok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    ttok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}:{% endif %}")
     prompts, responses = ["1+2=", "30+4="], ["12+1=3;#34", "34;#34"]
     batch = _student_batch(stok, prompts, responses)
     route = _teacher_route(ttok, cross=True, seed=1)

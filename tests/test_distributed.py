@@ -186,7 +186,8 @@ def test_sharded_hf_export_reloads_and_generates_like_single_process(grpo):
 
 
 def test_sharding_helpers_on_a_plain_model(tiny_dir):
-    """The pure parts of rlad_pl.models.distributed: block discovery, the tied-weight guard, names, plain-model gathers."""
+    """The pure parts of rlad_pl.models.distributed: block discovery, the tied-weight guard, names, plain-model
+    gathers."""
     from rlad_pl.core.errors import ConfigError
     from rlad_pl.models.distributed import (
         _check_tied,

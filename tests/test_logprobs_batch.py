@@ -72,7 +72,8 @@ def test_gradient_independent_of_micro_batch_split(tiny_dir, agg):
     module = DistillationModule(student=str(tiny_dir), objectives=[GRPO()], loss_agg=agg)
     batch = _rollout()
     with torch.no_grad():
-        batch.old_logprobs = module.annotator().logprobs(module.student, batch) + 0.05 * torch.randn(batch.response_mask.shape)
+        batch.old_logprobs = (module.annotator().logprobs(module.student, batch)
+                              + 0.05 * torch.randn(batch.response_mask.shape))
     grads = []
     for mbs in (6, 2, 1):
         step = StepBatch(batch.split(mbs))

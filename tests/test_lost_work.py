@@ -198,7 +198,8 @@ def test_ctrl_c_writes_checkpoint_and_export(tmp_path):
 
 # ------------------------------------------------------------------------------------------- non-finite guard
 def _nan_objective(calls: str) -> list[str]:
-    return ["--model.objectives", f'[{{"class_path": "test_lost_work.NaNGRPO", "init_args": {{"nan_calls": {calls}}}}}]']
+    return ["--model.objectives",
+            f'[{{"class_path": "test_lost_work.NaNGRPO", "init_args": {{"nan_calls": {calls}}}}}]']
 
 
 def test_all_nan_step_leaves_params_and_optimizer_state_bit_identical(tmp_path, capsys):

@@ -75,7 +75,8 @@ def test_jsonl_task_unknown_teacher_field_lists_the_fields(tmp_path):
     f = _jsonl(tmp_path / "rows.jsonl", _rows(["math", "code"]))
     with pytest.raises(ConfigError) as e:
         JSONLTask(str(f), teacher_field="teacher")
-    assert str(e.value) == f"data.task.teacher_field: no field 'teacher' in any row of {f} (fields: prompt, answer, who)"
+    assert str(e.value) == (f"data.task.teacher_field: no field 'teacher' in any row of {f} "
+                            "(fields: prompt, answer, who)")
 
 
 # ------------------------------------------------------------------------------------------------ DatasetTask

@@ -12,8 +12,18 @@ from rlad_pl.core import divergences as D
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.divergences import chunked_divergence
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives import (GKDJSD, OPDFullVocab, OPDSampled, Denominators, ForwardKL, KLMix, ReverseKL, SkewKL,
-                                StudentOutputs, TokenKL)
+from rlad_pl.objectives import (
+    GKDJSD,
+    Denominators,
+    ForwardKL,
+    KLMix,
+    OPDFullVocab,
+    OPDSampled,
+    ReverseKL,
+    SkewKL,
+    StudentOutputs,
+    TokenKL,
+)
 from rlad_pl.objectives.base import DATASET_PREFIXES, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_PREFIXES
 
 V, H, HT = 13, 6, 5
@@ -115,10 +125,10 @@ def test_check4_kl_mix_endpoints_and_linearity():
     fkl = loss_and_grad(lambda z: D.forward_kl(z, z_t))
     rkl = loss_and_grad(lambda z: D.reverse_kl(z, z_t))
     for lam, ref in ((0.0, fkl), (1.0, rkl)):
-        got = loss_and_grad(lambda z: D.kl_mix(z, z_t, lam))
+        got = loss_and_grad(lambda z, lam=lam: D.kl_mix(z, z_t, lam))
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     for lam in (0.1, 0.25, 0.5, 0.8):
-        got = loss_and_grad(lambda z: D.kl_mix(z, z_t, lam))
+        got = loss_and_grad(lambda z, lam=lam: D.kl_mix(z, z_t, lam))
         torch.testing.assert_close(got[0], lam * rkl[0] + (1 - lam) * fkl[0])
         torch.testing.assert_close(got[1], lam * rkl[1] + (1 - lam) * fkl[1])
 

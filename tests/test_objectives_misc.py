@@ -8,13 +8,30 @@ import math
 import pytest
 import torch
 
-from rlad_pl.core import divergences as D
 from conftest import make_batch
+from rlad_pl.core import divergences as D
 from rlad_pl.core.errors import ConfigError
-from rlad_pl.objectives import (GRPO, KDRL, OPSD, SFT, Denominators, Objective, OPDSampled, ReNIO, StudentOutputs,
-                                TokenKL, TRRD)
-from rlad_pl.objectives.base import (DATASET_PREFIXES, OLD_LOGPROBS, PRIVILEGED_PROMPT, SAMPLER_LOGPROBS,
-                                     TEACHER_LOGPROBS, TEACHER_PREFIXES)
+from rlad_pl.objectives import (
+    GRPO,
+    KDRL,
+    OPSD,
+    SFT,
+    TRRD,
+    Denominators,
+    Objective,
+    OPDSampled,
+    ReNIO,
+    StudentOutputs,
+    TokenKL,
+)
+from rlad_pl.objectives.base import (
+    DATASET_PREFIXES,
+    OLD_LOGPROBS,
+    PRIVILEGED_PROMPT,
+    SAMPLER_LOGPROBS,
+    TEACHER_LOGPROBS,
+    TEACHER_PREFIXES,
+)
 
 V = 9
 

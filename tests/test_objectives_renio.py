@@ -12,8 +12,13 @@ from rlad_pl.core import divergences as D
 from rlad_pl.core.batch import RolloutBatch, build_sequences
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, OPSD, Denominators, LossOutput, Objective, OPDSampled, ReNIO, StudentOutputs
-from rlad_pl.objectives.base import (PRIVILEGED_PROMPT, STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_LOGPROBS,
-                                     per_sample_token_mean)
+from rlad_pl.objectives.base import (
+    PRIVILEGED_PROMPT,
+    STUDENT_HIDDEN,
+    TEACHER_HIDDEN,
+    TEACHER_LOGPROBS,
+    per_sample_token_mean,
+)
 from rlad_pl.objectives.renio import renio_sample_scores, renio_weights
 
 LN9, LN70 = math.log(9.0), math.log(70.0)
@@ -219,9 +224,10 @@ def test_renio_config():
     with pytest.raises(ConfigError) as e:
         ReNIO(NotPerToken())
     assert e.value.field == "renio.inner"
-    for kw, field in (({"tau": 2.0, "c": 1.0}, "renio.c"), ({"weight_norm": "median"}, "renio.weight_norm"), ({"weight_norm_scope": "node"}, "renio.weight_norm_scope"),
-                      ({"weight_temperature": 0.0}, "renio.weight_temperature"), ({"weight_cap": -1.0},
-                                                                                  "renio.weight_cap")):
+    for kw, field in (({"tau": 2.0, "c": 1.0}, "renio.c"), ({"weight_norm": "median"}, "renio.weight_norm"),
+                      ({"weight_norm_scope": "node"}, "renio.weight_norm_scope"),
+                      ({"weight_temperature": 0.0}, "renio.weight_temperature"),
+                      ({"weight_cap": -1.0}, "renio.weight_cap")):
         with pytest.raises(ConfigError) as e:
             ReNIO(OPDSampled(), **kw)
         assert e.value.field == field

@@ -1,7 +1,7 @@
 """The refactor keeps results: every ``configs/*_tiny*.yaml`` fit and the demo's first rollout batches log the same
-losses, rewards, accuracies, gradient norms and entropies as the recording made before the rollout pipeline moved out of Lightning
-(``tests/data/parity_baseline.json``, written by ``python tests/parity.py record OUT.json`` at the commit before the
-change). Equal to 1e-6 relative: the same computations in the same order on the same CPU."""
+losses, rewards, accuracies, gradient norms and entropies as the recording made before the rollout pipeline moved out of
+Lightning (``tests/data/parity_baseline.json``, written by ``python tests/parity.py record OUT.json`` at the commit
+before the change). Equal to 1e-6 relative: the same computations in the same order on the same CPU."""
 
 from __future__ import annotations
 

@@ -191,7 +191,8 @@ def test_opsd_student_and_privileged_teacher_prompts_use_the_prompt_format(tmp_p
 @pytest.mark.vllm
 def test_vllm_engine_and_hf_generate_receive_the_same_prompt_ids(tmp_path):
     """The ids the data module encodes (chat template + system prompt + kwargs) are what vLLM's engine processes
-    (its ``RequestOutput.prompt_token_ids``) and what the HF sampler's decode loop gets (unpadded); greedy outputs match."""
+    (its ``RequestOutput.prompt_token_ids``) and what the HF sampler's decode loop gets (unpadded); greedy outputs
+    match."""
     import importlib.util
     import os
 

@@ -45,7 +45,8 @@ GSM8K_ROWS = [(f"{n} has {a} apples and gets {b} more. How many apples does {n} 
               for n, a, b in [("Sam", 2, 3), ("Mia", 4, 1), ("Leo", 3, 3), ("Ana", 5, 2), ("Tom", 1, 6),
                               ("Eva", 2, 2), ("Max", 6, 3), ("Zoe", 4, 4)]]
 # MATH layout: problem / solution with the answer in \boxed{}, a level
-MATH_ROWS = [(f"What is ${a} + {b}$?", f"${a} + {b} = {a + b}$, so the answer is $\\boxed{{{a + b}}}$.", f"Level {1 + i % 2}")
+MATH_ROWS = [(f"What is ${a} + {b}$?", f"${a} + {b} = {a + b}$, so the answer is $\\boxed{{{a + b}}}$.",
+              f"Level {1 + i % 2}")
              for i, (a, b) in enumerate([(1, 1), (2, 5), (3, 4), (6, 2), (7, 1), (2, 2), (5, 4), (8, 1)])]
 
 

@@ -90,7 +90,7 @@ def _tb_hparams(log_dir: Path) -> dict[str, str]:
     return out
 
 
-def test_a_fit_records_the_commits_of_models_tokenizer_and_dataset(hub, tmp_path, offline_datasets):
+def test_a_fit_records_the_commits_of_models_tokenizer_and_dataset(hub, tmp_path, offline_datasets):  # noqa: F811
     """TRRD with the student at ``org/tiny`` (main = COMMIT_A), the teacher at ``org/tiny@v2`` (COMMIT_B) and a hub
     dataset at COMMIT_D, offline: the commits land in hparams.yaml, last.ckpt and the HPARAMS tab."""
     cache = tmp_path / "datasets"

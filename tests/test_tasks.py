@@ -77,12 +77,13 @@ def test_extract_answer_and_rewards():
 
 
 def test_encode_prompt_chat_template_and_bos():
-    from rlad_pl.testing.builders import build_char_tokenizer
     from rlad_pl.data.prompts import encode_prompt
+    from rlad_pl.testing.builders import build_char_tokenizer
 
     tok = build_char_tokenizer()
     ids = encode_prompt(tok, "12+3=")
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]).replace(" ", "") == "12+3="
-    tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    tok.chat_template = ("{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+                         "{% if add_generation_prompt %}:{% endif %}")
     ids = encode_prompt(tok, "1+2")
     assert tok.decode(ids).replace(" ", "") == "<1+2>:"

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import CONFIGS, make_batch, run_cli, scalars
-from test_teacher_backends import ASSETS, ENGINE, _rollout, needs_vllm, teacher_server  # noqa: F401 (fixture)
 from rlad_pl.core.divergences import VOCAB_LOGPROB_FLOOR
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.topk import TeacherTopK, chunked_topk, student_buckets, tail_from_topk
 from rlad_pl.objectives import GKDJSD, OPSD, ForwardKL, KLMix, ReverseKL, SkewKL
 from rlad_pl.objectives.base import STUDENT_HIDDEN, TEACHER_HIDDEN, TEACHER_TOPK, StudentOutputs
-from rlad_pl.core.topk import TeacherTopK, chunked_topk, student_buckets, tail_from_topk
+from test_teacher_backends import ASSETS, ENGINE, _rollout, needs_vllm, teacher_server  # noqa: F401 (fixture)
 
 OBJECTIVES = {
     "forward": lambda **kw: ForwardKL(**kw),
@@ -180,7 +180,8 @@ def test_cli_fit_with_top_k_forward_kl_lowers_its_divergence(tmp_path):
                   "--export.enabled", "false", "--model.objectives",
                   "[{class_path: rlad_pl.objectives.ForwardKL, init_args: {teacher_top_k: 8}}]")
     obj = cli.model.objectives[0]
-    assert obj.teacher_top_k == 8 and TEACHER_TOPK in cli.model.plan.inputs and TEACHER_HIDDEN not in cli.model.plan.inputs
+    assert (obj.teacher_top_k == 8 and TEACHER_TOPK in cli.model.plan.inputs
+            and TEACHER_HIDDEN not in cli.model.plan.inputs)
     log_dir = Path(cli.trainer.log_dir)
     kl, tail = scalars(log_dir, "forwardkl/divergence"), scalars(log_dir, "forwardkl/tail_mass")
     assert len(kl) == 12 and all(0.0 < t < 1.0 for t in tail), tail  # measured 0.797 (near-uniform tiny teacher)
@@ -236,7 +237,7 @@ def test_vllm_top_k_equals_local_top_k():
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_server_top_k_equals_local_top_k(teacher_server):
+def test_server_top_k_equals_local_top_k(teacher_server):  # noqa: F811
     """The OpenAI-compatible server (``prompt_logprobs: k``, started with ``--max-logprobs 20``) gives the local
     top-k; a k above the server's limit is one line naming the flag."""
     from rlad_pl.teacher import ServerTeacher

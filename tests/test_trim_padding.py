@@ -13,7 +13,8 @@ from rlad_pl.testing.builders import build_tiny_qwen2
 def _batch(seed: int = 0) -> RolloutBatch:
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 18, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (6,), generator=g)]
-    resp = [torch.randint(3, 18, (int(n),), generator=g).tolist() + [2] for n in torch.randint(1, 12, (6,), generator=g)]
+    resp = [torch.randint(3, 18, (int(n),), generator=g).tolist() + [2]
+            for n in torch.randint(1, 12, (6,), generator=g)]
     prompts.append([5])  # one very short row, so the others carry padding
     resp.append([7, 2])
     ids, mask, P, rmask = build_sequences(prompts, resp, 0)

@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
 
-    from rlad_pl.models.lora import apply_lora
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
-    from rlad_pl.testing.real_model import build_real_model
+    from rlad_pl.models.lora import apply_lora
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
+    from rlad_pl.testing.real_model import build_real_model
 
     path = args.model or str(build_real_model())
     tok = load_tokenizer(path)

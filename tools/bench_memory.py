@@ -1,5 +1,5 @@
-"""Peak CPU memory of full-vocabulary distillation losses: chunked (``rlad_pl.core.divergences.chunked_divergence``) vs a
-straightforward full-materialization implementation, forward + backward.
+"""Peak CPU memory of full-vocabulary distillation losses: chunked (``rlad_pl.core.divergences.chunked_divergence``)
+vs a straightforward full-materialization implementation, forward + backward.
 
 Setup: random final hidden states ``[B, R, H]`` for student and teacher and LM heads ``[V, H]`` with a real-size
 vocabulary (Qwen: V = 151,936), so the cost is dominated by the ``[B, R, V]`` logits exactly as in a real model.

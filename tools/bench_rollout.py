@@ -3,8 +3,8 @@
     python tools/bench_rollout.py                       # tiny (~23K params) and ~50M-parameter random char-level Qwen2s
     python tools/bench_rollout.py --sizes 50m --prompts 16 --group 8 --max-new-tokens 128
 
-For each model (built locally into a temp dir with ``rlad_pl.models.loading.save_tiny_model``; random weights, nothing is
-downloaded) both samplers answer the same prompts with the same ``SamplingParams`` (temperature 1, ``n = --group``);
+For each model (built locally into a temp dir with ``rlad_pl.models.loading.save_tiny_model``; random weights, nothing
+is downloaded) both samplers answer the same prompts with the same ``SamplingParams`` (temperature 1, ``n = --group``);
 every response is exactly ``--max-new-tokens`` long (vLLM: ``ignore_eos``; HF: ``generation_config.min_new_tokens``),
 so generated tokens/s compare like with like. Also timed: ``VLLMSampler.sync_weights`` (in-place push of all
 weights) and one optimizer step (forward + backward + AdamW over the rollout batch, micro-batches of
@@ -63,9 +63,9 @@ def _train_step(model, tok, prompts, completions, micro_batch: int) -> None:
 
 def bench_size(name: str, arch: dict, args) -> dict:
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
-    from rlad_pl.testing.builders import save_tiny_model
     from rlad_pl.rollout import HFSampler, SamplingParams
     from rlad_pl.rollout.vllm import VLLMSampler
+    from rlad_pl.testing.builders import save_tiny_model
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         path = save_tiny_model(tmp, seed=0, **arch)

@@ -8,8 +8,9 @@ annotation) score one fixed random rollout batch through the ``Annotator``, exac
 before its updates; the time is the module's own ``timing/teacher_logprobs``. Repetitions interleave the backends
 (local, vllm, local, vllm, ...) so load on a shared machine hits both alike; the vLLM engine's start (once per
 run) is reported separately. Prints per-backend medians, the ratio local / vllm, and the max |vllm - local| over
-the response tokens. ``real`` is SmolLM2-135M-Instruct from ``rlad_pl.testing.real_model`` (``tools/build_real_model.py``),
-used as its own teacher; it is skipped when not built. CPU timings are noisy: the load average is printed.
+the response tokens. ``real`` is SmolLM2-135M-Instruct from ``rlad_pl.testing.real_model``
+(``tools/build_real_model.py``), used as its own teacher; it is skipped when not built. CPU timings are noisy: the load
+average is printed.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def random_rollout(tok, n: int, prompt_len: int, response_len: int, seed: int = 
 
 
 def bench(name: str, student: str, teacher: str, args) -> dict:
-    from rlad_pl.training.module import DistillationModule
     from rlad_pl.objectives import TRRD
     from rlad_pl.teacher import VLLMTeacher
+    from rlad_pl.training.module import DistillationModule
 
     max_len = args.prompt_len + args.response_len + 8
     modules = {

@@ -4,9 +4,10 @@
     python tools/bench_topk.py              # 8 prompts x 48 sampled tokens, k = 1 8 64 256 and V
     python tools/bench_topk.py --prompts 4 --max-new-tokens 32 --ks 1 8 64
 
-Setup: the teacher is SmolLM2-135M-Instruct (``rlad_pl.testing.real_model``, V = 49,152, H = 576); the student is the same
-checkpoint with only its first ``--student-layers`` (28) of 30 decoder layers (a smaller student sharing the vocabulary).
-Rollouts are sampled once from the teacher (``--prompts`` chat prompts, temperature 1) and reused for everything.
+Setup: the teacher is SmolLM2-135M-Instruct (``rlad_pl.testing.real_model``, V = 49,152, H = 576); the student is the
+same checkpoint with only its first ``--student-layers`` (28) of 30 decoder layers (a smaller student sharing the
+vocabulary). Rollouts are sampled once from the teacher (``--prompts`` chat prompts, temperature 1) and reused for
+everything.
 
 1. Approximation error. For each full-vocabulary objective (``rlad_pl.objectives``: forward / reverse KL, KL-mix 0.25,
    JSD 0.5, skew forward / reverse KL 0.1, OPSD's clipped forward KL 0.05) the exact path (``teacher_hidden``:
@@ -98,8 +99,8 @@ def value_and_grad(obj, batch, out, hs):
 
 
 def approximation_table(batch, hs, s_head, ht, t_head, V: int, ks: list[int]) -> tuple[list, dict]:
-    from rlad_pl.objectives.base import StudentOutputs
     from rlad_pl.core.topk import chunked_topk
+    from rlad_pl.objectives.base import StudentOutputs
 
     exact = {}
     out = StudentOutputs(logprobs=torch.zeros(batch.response_mask.shape), hidden=hs, lm_head=s_head,
@@ -197,7 +198,8 @@ def memory_table(batch, hs0, s_head, teacher, t_head, V: int, k: int, repeats: i
             peaks[name].append(p)
             secs[name].append(s)
     weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    return {"peak": {n: max(v) for n, v in peaks.items()}, "seconds": {n: statistics.median(v) for n, v in secs.items()},
+    return {"peak": {n: max(v) for n, v in peaks.items()},
+            "seconds": {n: statistics.median(v) for n, v in secs.items()},
             "teacher_weights": weights, "k": k}
 
 

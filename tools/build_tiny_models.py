@@ -2,9 +2,9 @@
 
     python tools/build_tiny_models.py            # writes rlad_pl/assets/tiny-student and rlad_pl/assets/tiny-teacher
 
-Both share one char-level tokenizer (``rlad_pl.models.loading.build_char_tokenizer``); the teacher is wider. Attention head
-size is 32 in both (vLLM's CPU build supports head sizes 32, 64, 80, ...), so the vLLM configs run them. Deterministic
-(fixed seeds); runs in seconds on CPU. Nothing is downloaded.
+Both share one char-level tokenizer (``rlad_pl.models.loading.build_char_tokenizer``); the teacher is wider. Attention
+head size is 32 in both (vLLM's CPU build supports head sizes 32, 64, 80, ...), so the vLLM configs run them.
+Deterministic (fixed seeds); runs in seconds on CPU. Nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -226,7 +226,8 @@ training rollouts over the last 5 steps (the before row: the first step); "Δ Me
 step-0 validation of the same run. "s / step" = mean wall time of one optimizer step (rollout generation +
 scoring + old / teacher log-probs + update; validation excluded), "teacher s / step" = the teacher's
 sampled-token log-prob pass (full-vocabulary objectives run the teacher inside the update instead: see
-"vs GRPO"), "vs GRPO" = step time relative to GRPO's. Timings on a shared CPU are noisy; compare them only within one table.
+"vs GRPO"), "vs GRPO" = step time relative to GRPO's. Timings on a shared CPU are noisy; compare them only within one \
+table.
 
 {chr(10).join(lines)}
 

@@ -105,7 +105,8 @@ def _dead(proc) -> bool:
 def served_layout(url: str) -> list[tuple[str, list[str]]]:
     """The custom-scalars layout as the plugin serves it: ``[(category, [chart title, ...]), ...]``."""
     layout = get_json(url + "/data/plugin/custom_scalars/layout")
-    return [(c.get("title", ""), [ch.get("title", "") for ch in c.get("chart", [])]) for c in layout.get("category", [])]
+    return [(c.get("title", ""), [ch.get("title", "") for ch in c.get("chart", [])])
+            for c in layout.get("category", [])]
 
 
 class _CDP:

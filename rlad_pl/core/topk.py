@@ -8,11 +8,11 @@ the top-k) and ``S_t`` the teacher's top-k ids at position t, the objective sees
     q_b = q_v (v in S_t),     q_tail = 1 - sum_{v in S_t} q_v = sum_{v not in S_t} q_v
 
 where ``q = softmax(z_S[:V] / T)`` is the student's own full distribution (never renormalised over the top-k), and
-any full-vocabulary divergence ``D`` (``rlad_pl.core.divergences``) is evaluated over the buckets: ``D_k = D(q_b, p_b)``.
-For k = V the tail is empty and ``D_k`` is the full-vocabulary value. Merging tokens into one bucket can only lower
-an f-divergence (data processing), so for FKL, RKL, KL-mix, JSD and skew KL ``D_k <= D``; the gradient of FKL over
-buckets is ``(q_v - p_v) / T`` on the top-k and ``(q_u - p_tail q_u / q_tail) / T`` elsewhere (the teacher's tail
-mass spread in the student's proportions).
+any full-vocabulary divergence ``D`` (``rlad_pl.core.divergences``) is evaluated over the buckets:
+``D_k = D(q_b, p_b)``. For k = V the tail is empty and ``D_k`` is the full-vocabulary value. Merging tokens into one
+bucket can only lower an f-divergence (data processing), so for FKL, RKL, KL-mix, JSD and skew KL ``D_k <= D``; the
+gradient of FKL over buckets is ``(q_v - p_v) / T`` on the top-k and ``(q_u - p_tail q_u / q_tail) / T`` elsewhere (the
+teacher's tail mass spread in the student's proportions).
 
 Numerics: log-probs are fp32; a tail that is empty (or below fp32 resolution) is floored at ``VOCAB_LOGPROB_FLOOR``
 (``exp(-1000) == 0``), so its bucket drops out of every sum with zero gradient. A teacher with full logits
@@ -96,7 +96,8 @@ def student_buckets(logq: Tensor, ids: Tensor) -> Tensor:
 def chunked_topk(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                  chunk_size: int = 256, vocab_size: Optional[int] = None) -> TeacherTopK:
     """Top-k of ``log_softmax(W[:V] h / T)`` from final hidden states ``[N, R, H]``, ``chunk_size`` positions (of
-    every sequence) at a time like ``rlad_pl.core.logprobs.chunked_token_logprobs``: only ``[N, chunk, V]`` logits exist."""
+    every sequence) at a time like ``rlad_pl.core.logprobs.chunked_token_logprobs``: only ``[N, chunk, V]`` logits
+    exist."""
     if vocab_size is not None:
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]

@@ -281,8 +281,9 @@ class ReasoningGymTask(Task):
             entry = ds[i % n]
             fmt = {**entry["metadata"], "question": entry["question"], "answer": entry["answer"]}
             where = f"{split} item {i % n}"
-            fill = lambda name: (format_template(getattr(self, name), fmt, f"{self.field}.{name}", where)  # noqa: E731
-                                 if getattr(self, name) is not None else None)
+            def fill(name, fmt=fmt, where=where):
+                value = getattr(self, name)
+                return format_template(value, fmt, f"{self.field}.{name}", where) if value is not None else None
             out.append(Problem(prompt=fill("prompt_template"), answer=str(entry["answer"]),
                                difficulty=self._difficulty(entry["metadata"]),
                                privileged=fill("privileged_template"), solution=fill("solution_template"),
@@ -314,7 +315,8 @@ class JSONLTask(Task):
 
     def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
                  prompt_field: str = "prompt", answer_field: str = "answer", difficulty_field: Optional[str] = None,
-                 privileged_field: Optional[str] = None, solution_field: Optional[str] = None, prompt_template: Optional[str] = None,
+                 privileged_field: Optional[str] = None, solution_field: Optional[str] = None,
+                 prompt_template: Optional[str] = None,
                  answer_pattern: Optional[str] = None, shuffle_seed: Optional[int] = 0,
                  teacher_field: Optional[str] = None):
         self.fields = (prompt_field, answer_field, difficulty_field, privileged_field, solution_field)

@@ -17,9 +17,9 @@ Two FSDP2 details the module relies on:
   ``register_fsdp_forward_method``), so such calls go through :func:`root_call`. The root group is sharded with
   ``reshard_after_forward=False``: its parameters (embeddings, LM head) stay gathered until backward (trainable) or
   until :func:`reshard` (frozen), so the chunked LM head reads full weights.
-* Every rank must run the same collectives in the same order. ``generate`` stops when the rank's own sequences end,
-  so sampling from a sharded model would desynchronize ranks; :func:`rlad_pl.models.unsharded.unsharded_copy` gathers the weights (all ranks
-  join, bucket by bucket) into a plain rank-local copy that samples without collectives.
+* Every rank must run the same collectives in the same order. ``generate`` stops when the rank's own sequences end, so
+  sampling from a sharded model would desynchronize ranks; :func:`rlad_pl.models.unsharded.unsharded_copy` gathers the
+  weights (all ranks join, bucket by bucket) into a plain rank-local copy that samples without collectives.
 
 Everything here is a no-op or a plain copy for unsharded models, so single-device and DDP runs share the code path.
 """

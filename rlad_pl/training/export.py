@@ -96,7 +96,8 @@ class HFExport(L.Callback):
                 if adapter_state is not None:
                     save_adapter(lora, Path(out) / "adapter", adapter_state)
             except OSError as e:
-                saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+                saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks
+                         if getattr(cb, "last_model_path", "")]
                 kept = f"; the training state is in {saved[0]}" if saved else ""
                 error = ConfigError("export.dirpath", f"cannot write the export to {out}: {e.strerror or e}{kept}")
             else:

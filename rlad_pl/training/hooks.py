@@ -1,7 +1,8 @@
 """``EvaluationHooks``: what ``DistillationModule`` logs besides the loss, as ``LightningModule`` hooks (a mixin).
 
 * validation / test: each batch is ``val_k`` scored responses per held-out problem (``EvalResult``, sampled by the
-  rollout pipeline) and ``MeanPassAtK`` reports ``<prefix>/<bucket>/mean@n`` and ``pass@k`` plus ``<prefix>/response_length_mean``;
+  rollout pipeline) and ``MeanPassAtK`` reports ``<prefix>/<bucket>/mean@n`` and ``pass@k`` plus
+  ``<prefix>/response_length_mean``;
 * training: one step's scalars, each combined across ranks the way it adds up (``cross_rank_ops``), and on the first
   step of a rollout batch the statistics and text samples that the step carries (``StepBatch.stats`` / ``samples``).
 """

@@ -7,8 +7,9 @@ into alphabetical groups. ``TensorBoardOverview`` (registered by the CLI as ``--
   ``http://localhost:6006/#custom_scalars``) whose first category, *Overview*, holds reward / accuracy, validation
   Mean@k per difficulty level, Pass@k, teacher divergence, clip and clamp fractions, entropy, grad norm, loss and
   time per phase; it is written again after a validation or at the end of ``fit`` when tags that first appear
-  later (``sync/*`` after the first weight sync, counters) change it. Charts are regexes from ``CATALOGUE``; only those that match a tag this run logs are kept (a GRPO
-  run has no teacher chart), and logged tags that no catalogue chart covers get one chart per prefix under *Other*.
+  later (``sync/*`` after the first weight sync, counters) change it. Charts are regexes from ``CATALOGUE``; only those
+  that match a tag this run logs are kept (a GRPO run has no teacher chart), and logged tags that no catalogue chart
+  covers get one chart per prefix under *Other*.
 * **hp_metric.** Lightning's ``-1`` placeholder is switched off; at the end of ``fit`` the run's hyperparameters
   (the CLI config: ``model.*``, ``data.*``, seed, epochs) are written to the HPARAMS tab with
   ``hp_metric`` = the last logged ``val/all/mean@k``. A run that never validated gets no ``hp_metric``.
