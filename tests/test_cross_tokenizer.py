@@ -419,3 +419,21 @@ def test_a_teacher_with_another_tokenizer_trains_sampled_token_objectives_and_re
     assert (mb.teacher_logprobs[text] < 0).all() and (mb.teacher_logprobs[text] > -20).all()
     stray = m & special & (mb.response_ids != 2)  # a <bos> / <pad> sampled inside a response: no text
     assert (mb.teacher_logprobs[stray] == -20.0).all() and (mb.teacher_logprobs[~m] == 0).all()
+
+
+@pytest.mark.slow  # a short fit of the cross-tokenizer demo: ~40 s on 2 busy cores
+def test_cross_tokenizer_demo_config_fits(tmp_path):
+    """``configs/cross_tokenizer_demo.yaml``: the char-level demo student and the BPE demo teacher have different
+    tokenizers; the fit runs through the cross-tokenizer route and logs finite OPD losses."""
+    import math
+
+    from conftest import CONFIGS, run_cli
+    from rlad_pl.testing.runs import read_scalars
+
+    cli = run_cli("fit", "--config", str(CONFIGS / "cross_tokenizer_demo.yaml"), "--trainer.max_epochs", "1",
+                  "--trainer.default_root_dir", str(tmp_path), "--data.prompts_per_rollout", "8",
+                  "--data.micro_batch_size", "64", "--data.val_prompts", "8", "--trainer.callbacks", "[]")
+    assert cli.model.routes["teacher"].cross
+    assert len(cli.model.tokenizer) != cli.model.routes["teacher"].vocab_size
+    s = read_scalars(cli.trainer.log_dir)
+    assert all(math.isfinite(v) for _, v in s["opdsampled/loss"]) and s["timing/teacher_logprobs"]

@@ -17,7 +17,7 @@ per "rollout" (1024 fresh problems per epoch, never repeated), micro-batches of 
 * teacher: Qwen2 128/4/4/512 (hidden / layers / heads / MLP), 1.05M parameters, lr 2e-3, ``TEACHER_STEPS`` steps;
 * student: Qwen2 64/2/2/256, 0.13M parameters, lr 3e-3, only ``STUDENT_STEPS`` steps (a short supervised warm-up,
   so that it is clearly weaker than the teacher and RL has reward variance to work with);
-* teacher-bpe: Qwen2 96/2/2/384, the teacher's recipe with **another tokenizer** (a teacher for the cross-tokenizer
+* teacher-bpe: the teacher's architecture and recipe with **another tokenizer** (a teacher for the cross-tokenizer
   demo, issue 24): a BPE (``tokenizers``, ``BPE_VOCAB`` ids: ``<pad> <bos> <eos>``, the 15 characters, then merges)
   trained on chain_sum reference traces of the demo's levels (2-5 terms of 1 digit), with a pre-tokenizer that cuts
   the text into operator+number pieces (``[^0-9]+[0-9]*``), so that frequent pieces such as ``+7``, ``=12``,
@@ -50,7 +50,7 @@ ASSETS = REPO / "rlad_pl" / "assets"
 
 TEACHER_STEPS = 4000
 STUDENT_STEPS = 960
-BPE_TEACHER_STEPS = 1504
+BPE_TEACHER_STEPS = 1200
 BPE_VOCAB = 96
 #: pre-tokenizer pattern of the BPE teacher: pieces of non-digits followed by digits (``;#-13``, ``=1``, ``+7``)
 BPE_PIECES = "[^0-9]+[0-9]*|[0-9]+"
@@ -62,9 +62,9 @@ SPECS = {
                     lr=2e-3, steps=TEACHER_STEPS, seed=0),
     "student": dict(name="demo-student", arch=dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),
                     lr=3e-3, steps=STUDENT_STEPS, seed=1),
-    "teacher-bpe": dict(name="demo-teacher-bpe", arch=dict(hidden_size=96, num_layers=2, num_heads=2,
-                                                            intermediate_size=384),
-                        lr=3e-3, steps=BPE_TEACHER_STEPS, seed=0, tokenizer="bpe", max_digits=1),
+    "teacher-bpe": dict(name="demo-teacher-bpe", arch=dict(hidden_size=128, num_layers=4, num_heads=4,
+                                                            intermediate_size=512),
+                        lr=2e-3, steps=BPE_TEACHER_STEPS, seed=0, tokenizer="bpe", max_digits=1),
 }
 
 CONFIG = """\
@@ -294,7 +294,7 @@ def bpe_model_card(kind: str, facts: dict, ev: dict, threads: int) -> str:
     return f"""# {spec['name']}
 
 BPE-tokenized Qwen2 causal LM: the teacher of the **cross-tokenizer demo** (`configs/cross_tokenizer_demo.yaml`,
-issue 24). Same task and training recipe as `demo-teacher` (a smaller model), but a tokenizer that differs from the
+issue 24). Same task, architecture and training recipe as `demo-teacher`, but a tokenizer that differs from the
 demo student's char-level one, so distilling into `demo-student` needs the cross-tokenizer alignment
 (`rlad_pl/teacher/cross_tokenizer.py`: the student's response text re-tokenized for the teacher, aligned by character
 offsets).
