@@ -59,23 +59,29 @@ def _worker_finish_update(worker) -> None:
     model = _worker_model(worker)
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(model, worker.vllm_config.model_config)
-        head = getattr(model, "lm_head", None)
-        embed = None
-        for path in ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens"):
-            try:
-                embed = model.get_submodule(path)
-                break
-            except AttributeError:
-                continue
-        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 1):
-            method = getattr(head, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(head)  # re-derive the head's kernel copy (CPU prepack)
+        _refresh_tied_head(model)
     runner = worker.model_runner
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         fn = getattr(runner, reset, None)
         if callable(fn):
             fn()
+
+
+def _refresh_tied_head(model) -> None:
+    """After a layerwise reload: re-derive a tied ``lm_head``'s kernel copy (vLLM re-processes only one owner of a
+    tied tensor; on CPU the head keeps a prepacked copy that would stay stale). Called inside the vLLM config."""
+    head = getattr(model, "lm_head", None)
+    embed = None
+    for path in ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens"):
+        try:
+            embed = model.get_submodule(path)
+            break
+        except AttributeError:
+            continue
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 1):
+        method = getattr(head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(head)  # re-derive the head's kernel copy (CPU prepack)
 
 
 def _worker_lora_modules(worker) -> tuple[list[str], dict[str, list[str]]]:
