@@ -111,9 +111,16 @@ def bucket_sizes(dtype_names: list[str], shapes: list[list[int]]) -> list[int]:
 
 def unpack_bucket(buf: torch.Tensor, names: list[str], dtype_names: list[str],
                   shapes: list[list[int]]) -> list[tuple[str, torch.Tensor]]:
-    """Views of ``buf`` (``pack_bucket``'s layout) as ``(name, tensor)`` pairs."""
-    parts = buf.split(bucket_sizes(dtype_names, shapes))
-    return [(n, p.view(getattr(torch, d)).view(s)) for n, d, s, p in zip(names, dtype_names, shapes, parts)]
+    """Views of ``buf`` (``pack_bucket``'s layout) as ``(name, tensor)`` pairs; a part whose byte offset is not a
+    multiple of its element size (mixed dtypes: a bf16 tensor of odd length before a float32 one) is copied first,
+    as a dtype view needs an aligned offset."""
+    out = []
+    for n, d, s, p in zip(names, dtype_names, shapes, buf.split(bucket_sizes(dtype_names, shapes))):
+        dtype = getattr(torch, d)
+        if p.storage_offset() % dtype.itemsize:
+            p = p.clone()
+        out.append((n, p.view(dtype).view(s)))
+    return out
 
 
 def local_address_towards(host: str) -> str:
