@@ -30,7 +30,9 @@ teacher scores the same *text* in its own tokens:
 
     T_k = sum_{j in U_k} log pi_T(u_j | x_T, u_<j) = log pi_T(y[p:q] | x_T, y[:p])
 
-and each student token of the chunk gets an equal share (the per-token geometric mean of the chunk's probability):
+and, in this module, each student token of the chunk gets an equal share (the per-token geometric mean of the chunk's
+probability; ``TeacherRoute`` splits chunks by the teacher's prefix masses instead, ``rlad_pl.teacher.cross_prefix``,
+and uses these equal shares only with ``cross_top_k: 0``):
 
     m_t = T_k / n_k            for t in S_k,            so   sum_{t in S_k} m_t = T_k.
 
@@ -86,6 +88,10 @@ class CrossTokenAlignment:
     chunk_spans: list[tuple[int, int]]
     text_roundtrip: bool = True
     student_boundary_source: str = "offsets"
+    #: each student / teacher response token's end character in ``response_text`` (``None``: inside a character,
+    #: or unaligned); the eos pair ends at ``L``
+    student_ends: list = field(default_factory=list)
+    teacher_ends: list = field(default_factory=list)
     _index: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -278,6 +284,10 @@ def align_cross_tokenizer(student_response_ids: Sequence[int], student_tokenizer
 
     student_chunk = [-1] * len(ids)
     teacher_chunk = [-1] * len(u_ids)
+    student_ends: list[Optional[int]] = [None] * len(ids)
+    for t, pos in enumerate(text_pos):
+        student_ends[pos] = s_bounds[t + 1]
+    teacher_ends: list[Optional[int]] = list(u_bounds[1:]) if u_ids else []
     spans: list[tuple[int, int]] = []
     for k, (sa, sb, ua, ub, p, q) in enumerate(chunks):
         for t in range(sa, sb):
@@ -291,9 +301,12 @@ def align_cross_tokenizer(student_response_ids: Sequence[int], student_tokenizer
         teacher_chunk.append(len(spans))
         u_response.append(int(teacher_eos))
         spans.append((len(text), len(text)))
+        student_ends[-1] = len(text)
+        teacher_ends.append(len(text))
 
     prompt = teacher_prompt_ids(teacher_tokenizer, prompt_text, chat=chat)
     roundtrip = teacher_tokenizer.decode(u_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text
     return CrossTokenAlignment(teacher_input_ids=prompt + u_response, teacher_prompt_len=len(prompt),
                                response_text=text, student_chunk=student_chunk, teacher_chunk=teacher_chunk,
-                               chunk_spans=spans, text_roundtrip=roundtrip, student_boundary_source=source)
+                               chunk_spans=spans, text_roundtrip=roundtrip, student_boundary_source=source,
+                               student_ends=student_ends, teacher_ends=teacher_ends)

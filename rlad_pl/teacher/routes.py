@@ -7,8 +7,9 @@ each student response token, ``[N, R]``, whichever tokenizer the teacher has:
 * same tokenizer as the student: the backend scores the student's own token ids (today's path, exact);
 * another tokenizer (``cross``): each response's text is re-tokenized for the teacher after the teacher's own prompt
   encoding (its chat template, not the student's), the two tokenizations are aligned by character offsets into the
-  finest chunks that spell the same text, and each student token of chunk k gets ``T_k / n_k``, the chunk's teacher
-  log-probability shared equally among its n_k student tokens (``rlad_pl.teacher.cross_tokenizer``;
+  finest chunks that spell the same text; chunk k's teacher log-probability ``T_k`` is split among its student tokens
+  by the teacher's probability of each token's characters (prefix masses from its top-``cross_top_k`` at the chunk's
+  first position: ``rlad_pl.teacher.cross_prefix``; ``cross_top_k: 0`` shares ``T_k`` equally instead;
   docs/methods/cross_tokenizer.md); a student special token inside a response (no text) gets ``LOGPROB_FLOOR``.
   Sampled-token objectives only: full-vocabulary ones compare distributions over
   one vocabulary and are refused in one line.
@@ -16,6 +17,7 @@ each student response token, ``[N, R]``, whichever tokenizer the teacher has:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,6 +28,7 @@ from rlad_pl.core.batch import RolloutBatch, build_sequences
 from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.objectives.base import LOGPROB_FLOOR
 from rlad_pl.teacher.base import TeacherScorer
+from rlad_pl.teacher.cross_prefix import map_prefix_logprobs, token_texts
 from rlad_pl.teacher.cross_tokenizer import align_cross_tokenizer
 
 
@@ -42,6 +45,8 @@ class TeacherConfig:
         backend: how it scores (``rlad_pl.teacher.LocalTeacher`` by default, ``VLLMTeacher``, ``ServerTeacher``).
         prompt_format: how a cross-tokenizer teacher encodes the prompt (default: its chat template when it has
             one, else BOS + text).
+        cross_top_k: a cross-tokenizer teacher's top-k used to split a chunk's log-probability among its student
+            tokens (prefix masses; 0: equal shares, one teacher pass instead of two).
     """
 
     model: str
@@ -50,6 +55,7 @@ class TeacherConfig:
     dtype: Optional[str] = None
     backend: Optional[TeacherScorer] = None
     prompt_format: Optional[PromptFormat] = None
+    cross_top_k: int = 64
 
 
 @dataclass
@@ -66,6 +72,8 @@ class TeacherRoute:
     student_tokenizer: Any = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     tag: Optional[str] = None
+    #: top-k of the teacher for the prefix rule inside chunks (0: equal shares)
+    cross_top_k: int = 64
 
     @property
     def vocab_size(self) -> int:
@@ -97,9 +105,16 @@ class TeacherRoute:
                               rmask.to(batch.input_ids.device), torch.zeros(n), torch.zeros(n), torch.arange(n))
         lp = self.scorer.token_logprobs(tbatch, temperature=temperature, chunk_size=chunk_size,
                                         vocab_size=self.vocab_size).float().cpu()
+        top = None
+        if self.cross_top_k > 0 and any(max(Counter(al.student_chunk).values(), default=0) > 1 for al in alignments):
+            top = self.scorer.topk(tbatch, k=min(self.cross_top_k, self.vocab_size), temperature=temperature,
+                                   chunk_size=chunk_size, vocab_size=self.vocab_size)
+            top_ids, top_lp, texts = top.ids.cpu(), top.logprobs.float().cpu(), token_texts(self.tokenizer)
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
         for i, al in enumerate(alignments):
-            mapped = al.map_teacher_logprobs(lp[i, :len(rows[i])])
+            r = len(rows[i])
+            mapped = (al.map_teacher_logprobs(lp[i, :r]) if top is None else
+                      map_prefix_logprobs(al, lp[i, :r], top_ids[i, :r], top_lp[i, :r], texts))
             # a student special token inside the response spells no text the teacher could have produced:
             # the floor, not 0 (which would read as "the teacher is certain")
             mapped[~torch.tensor(al.student_mask, dtype=torch.bool)] = LOGPROB_FLOOR

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.core.validation import check_int
 from rlad_pl.data.prompts import PromptFormat
 from rlad_pl.models.compiled import compile_backbone
 from rlad_pl.models.loading import (
@@ -161,10 +162,12 @@ def _load_named(plan: ObjectivePlan, teachers: dict, *, teacher, student, tokeni
                 cfg = TeacherConfig(**cfg)
             except TypeError:
                 extra = sorted(set(cfg) - set(TeacherConfig.__dataclass_fields__)) or ["(model missing)"]
-                raise ConfigError(field, f"expected model, tokenizer, revision, dtype, backend, prompt_format; got "
+                raise ConfigError(field, f"expected model, tokenizer, revision, dtype, backend, prompt_format, "
+                                  f"cross_top_k; got "
                                   f"{', '.join(extra)}") from None
         if not isinstance(cfg, TeacherConfig) or not cfg.model:
             raise ConfigError(field, f"expected {{model: <folder or hub id>, ...}}, got {cfg!r}")
+        check_int(f"{field}.cross_top_k", cfg.cross_top_k, minimum=0, hint=" (0 = equal shares inside a chunk)")
         backend = cfg.backend if cfg.backend is not None else LocalTeacher()
         if not isinstance(backend, TeacherScorer):
             raise ConfigError(f"{field}.backend", f"expected an rlad_pl.teacher.TeacherScorer, got "
@@ -178,7 +181,8 @@ def _load_named(plan: ObjectivePlan, teachers: dict, *, teacher, student, tokeni
         t_tok = load_tokenizer(t_tok_src)
         cross = tokenizers_differ(plan, tok, t_tok, field)
         routes[name] = TeacherRoute(name, backend, t_tok, cross=cross, student_tokenizer=tok,
-                                    prompt_format=cfg.prompt_format or PromptFormat(), tag=src.tag)
+                                    prompt_format=cfg.prompt_format or PromptFormat(), tag=src.tag,
+                                    cross_top_k=cfg.cross_top_k)
         routes[name].source, routes[name].dtype = src, cfg.dtype or teacher_dtype or dtype
         tags[f"teacher/{name}"] = src.tag
     models = load_models(plan.__class__(inputs=plan.inputs - {TEACHER_LOGPROBS}, names=plan.names),
