@@ -215,22 +215,21 @@ def test_a_server_without_weight_transfer_or_processed_logprobs_is_one_line(tmp_
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "trrd"])
-def test_fits_through_the_server_raise_the_reward(server, tmp_path, method):
-    """``configs/grpo_tiny_server.yaml`` as shipped (GRPO), and the same run with TRRD and the tiny teacher: the
-    reward rises, a push after every optimizer step, sampler and trainer log-probs agree."""
+@pytest.mark.parametrize("config,gain", [("grpo_tiny_server.yaml", 0.2), ("trrd_tiny.yaml", 0.05)])
+def test_fits_through_the_server_raise_the_reward(server, tmp_path, config, gain):
+    """``configs/grpo_tiny_server.yaml`` as shipped, and ``configs/trrd_tiny.yaml`` with its sampler replaced by the
+    server: over 30 rollout batches the reward rises as with the in-process engines (measured: GRPO through vLLM
+    in-process +0.2 or more, ``tests/test_vllm_fit.py``; TRRD with the HF sampler 0.023 -> 0.123), a push after every
+    optimizer step, sampler and trainer log-probs agree."""
     epochs = 30
-    args = ["fit", "--config", str(CONFIGS / "grpo_tiny_server.yaml"), "--trainer.max_epochs", str(epochs),
+    args = ["fit", "--config", str(CONFIGS / config), "--trainer.max_epochs", str(epochs),
             "--trainer.default_root_dir", str(tmp_path), "--trainer.check_val_every_n_epoch", str(epochs),
             "--trainer.enable_checkpointing", "false", "--export.enabled", "false",
-            "--data.sampler.init_args.urls", f"[{server}]"]
-    if method == "trrd":
-        args += ["--model.teacher", "assets/tiny-teacher", "--model.objectives",
-                 '[{"class_path": "rlad_pl.objectives.TRRD"}]']
+            "--data.sampler", "rlad_pl.rollout.server.ServerSampler", "--data.sampler.init_args.urls", f"[{server}]"]
     cli = run_cli(*args)
     log_dir = Path(cli.trainer.log_dir)
     reward = scalars(log_dir, "rollout/reward_mean")
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    assert len(reward) == epochs and last > first + 0.2, (first, last)
+    assert len(reward) == epochs and last > first + gain, (first, last)
     assert len(scalars(log_dir, "sync/weight_sync_bytes")) == epochs
     assert max(scalars(log_dir, "mismatch/kl_k3")) < 1e-6
