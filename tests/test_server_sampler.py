@@ -233,3 +233,50 @@ def test_fits_through_the_server_raise_the_reward(server, tmp_path, config, gain
     assert len(reward) == epochs and last > first + gain, (first, last)
     assert len(scalars(log_dir, "sync/weight_sync_bytes")) == epochs
     assert max(scalars(log_dir, "mismatch/kl_k3")) < 1e-6
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_server_lost_mid_run_stops_in_one_line_and_the_run_resumes(tmp_path):
+    """SIGKILL the server once the run has a ``last.ckpt``: the run stops with one line naming the server (after
+    its retries), ``last.ckpt`` is complete; with the server back, ``--ckpt_path last`` finishes the run."""
+    port, epochs = free_port(), 6
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path / "run"
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "rlad_pl", "fit", "--config", str(CONFIGS / "grpo_tiny_server.yaml"),
+           "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(root),
+           "--trainer.check_val_every_n_epoch", "100", "--export.enabled", "false",
+           "--data.sampler.init_args.urls", f"[{url}]", "--data.sampler.init_args.retries", "1"]
+    server = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
+    try:
+        wait_ready(url, server)
+        run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ckpt.exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        stop_server(server)  # SIGTERM to the group, then SIGKILL: the engine dies with it
+        _, err = run.communicate(timeout=300)
+    finally:
+        stop_server(server)
+    lines = err.strip().splitlines()
+    assert run.returncode == 2, err[-3000:]
+    assert lines[-1].startswith(f"rlad_pl: error: data.sampler.init_args.urls: the rollout server at {url} did "
+                                "not answer"), lines[-3:]
+    assert lines[-1].endswith("restart it, then resume with --ckpt_path last")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # complete, under its final name
+    done = state["global_step"]
+    assert 1 <= done < epochs
+    server = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
+    try:
+        wait_ready(url, server)
+        resumed = subprocess.run(cmd + ["--ckpt_path", "last"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, timeout=600)
+    finally:
+        stop_server(server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == epochs
+    # the resumed run pushed its restored weights before sampling: a push for every rollout batch it made
+    assert len(scalars(root / "lightning_logs" / "version_1", "sync/weight_sync_bytes")) == epochs - done

@@ -108,8 +108,8 @@ class ServerSampler(Sampler):
                 err = f"HTTP {e.status} {e.body[:200].strip()}"
                 if e.status < 500:
                     raise ConfigError(f"{FIELD}.urls", f"the rollout server at {url} refused {what}: {err}") from None
-            except _LOST as e:
-                err = f"{type(getattr(e, 'reason', e)).__name__}: {getattr(e, 'reason', e)}"
+            except (*_LOST, RuntimeError) as e:  # RuntimeError: the client's transfer failed on one side
+                err = f"{type(getattr(e, 'reason', e)).__name__}: {str(getattr(e, 'reason', e))[:200]}"
             if attempt < self.retries:
                 time.sleep(min(2.0 ** attempt, 10.0))
         raise ConfigError(f"{FIELD}.urls", f"the rollout server at {url} did not answer {what} ({err}) after "
@@ -201,11 +201,13 @@ class ServerSampler(Sampler):
                 continue
             try:
                 stats = push()
-            except (ServerError, *_LOST):  # a restarted server: open the transfer again once it answers
-                client.close_transfer()
-                self._retry(client.url, "GET /health", lambda c=client: c._get("/health", timeout=5))
-                self._open_transfer(client)
-                stats = self._retry(client.url, "a weight push", push)
+            except (ServerError, RuntimeError, *_LOST):  # lost mid-push, or restarted: re-open the transfer
+                def recover(c=client):
+                    c.close_transfer()
+                    c.init_transfer(master_address=self.master_address, master_port=self.master_port,
+                                    timeout_s=self.timeout)
+                    return push()
+                stats = self._retry(client.url, "a weight push", recover)
             nbytes += stats["bytes"]
             buckets += stats["buckets"]
             tensors += stats["tensors"]
