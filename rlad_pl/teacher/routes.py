@@ -13,6 +13,9 @@ each student response token, ``[N, R]``, whichever tokenizer the teacher has:
   docs/methods/cross_tokenizer.md); a student special token inside a response (no text) gets ``LOGPROB_FLOOR``.
   Sampled-token objectives only: full-vocabulary ones compare distributions over
   one vocabulary and are refused in one line.
+
+``RoutedTeachers`` serves the loss's top-k input (``teacher_topk``, full-vocabulary objectives with
+``teacher_top_k: k``) with several named teachers: each row's top-k comes from its own teacher.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch, build_sequences
+from rlad_pl.core.divergences import VOCAB_LOGPROB_FLOOR
+from rlad_pl.core.topk import TeacherTopK
 from rlad_pl.data.prompts import PromptFormat, encode_prompt
 from rlad_pl.objectives.base import LOGPROB_FLOOR
 from rlad_pl.teacher.base import TeacherScorer
@@ -122,4 +127,67 @@ class TeacherRoute:
         return out.to(batch.input_ids.device)
 
 
-__all__ = ["TeacherConfig", "TeacherRoute"]
+class RoutedTeachers(TeacherScorer):
+    """Several routed teachers as one scorer of the loss's top-k input: row i is scored by
+    ``routes[batch.teacher_ids[i]]`` (``routes`` in routing order: the pipeline's ``teacher_names``). Each teacher
+    scores its own rows (``select`` + ``trim_padding``) and the results land back in ``[N, R, k]`` / ``[N, R]``;
+    response positions past a teacher's rows' longest response hold the empty distribution of
+    ``rlad_pl.core.topk.topk_from_entries`` (ids 0 at the floor, the whole mass in the tail): finite, masked. A
+    batch that goes to one teacher (every row, or no ``teacher_ids`` with one route) is that teacher's own result.
+    Hidden states are refused: several teachers give no single LM head (set the objective's ``teacher_top_k``)."""
+
+    def __init__(self, routes: list[TeacherRoute]):
+        self.routes = list(routes)
+
+    def _route_of(self, batch: RolloutBatch) -> Optional[TeacherRoute]:
+        """The one route that scores every row of ``batch``, else None (rows of several teachers)."""
+        if batch.teacher_ids is None:
+            if len(self.routes) != 1:
+                raise ValueError(f"a batch without teacher_ids cannot be routed to one of "
+                                 f"{[r.name for r in self.routes]}")
+            return self.routes[0]
+        ids = batch.teacher_ids
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.routes)):
+            raise ValueError(f"teacher_ids {sorted(set(ids.tolist()))} outside the {len(self.routes)} routed "
+                             f"teachers {[r.name for r in self.routes]}")
+        if len(self.routes) == 1 or (ids.numel() and bool((ids == ids[0]).all())):
+            return self.routes[int(ids[0]) if ids.numel() else 0]
+        return None
+
+    def topk(self, batch: RolloutBatch, *, k: int, temperature: float, chunk_size: int,
+             vocab_size: int) -> TeacherTopK:
+        kw = dict(k=k, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
+        route = self._route_of(batch)
+        if route is not None:
+            return route.scorer.topk(batch, **kw)
+        (n, r), device = batch.response_mask.shape, batch.response_mask.device
+        ids = torch.zeros(n, r, k, dtype=torch.long, device=device)
+        logprobs = torch.full((n, r, k), VOCAB_LOGPROB_FLOOR, dtype=torch.float32, device=device)
+        tail = torch.zeros(n, r, dtype=torch.float32, device=device)
+        for j, route in enumerate(self.routes):
+            rows = (batch.teacher_ids == j).nonzero().flatten()
+            if rows.numel():
+                top = route.scorer.topk(batch.select(rows).trim_padding(), **kw)
+                w = top.ids.shape[1]
+                ids[rows, :w], logprobs[rows, :w] = top.ids.to(device), top.logprobs.to(logprobs)
+                tail[rows, :w] = top.tail.to(tail)
+        return TeacherTopK(ids, logprobs, tail)
+
+    def hidden(self, batch: RolloutBatch):
+        raise NotImplementedError("several routed teachers give no teacher hidden states; set the objective's "
+                                  "teacher_top_k: k (a top-k teacher distribution)")
+
+    def token_logprobs(self, batch: RolloutBatch, *, temperature: float, chunk_size: int,
+                       vocab_size: int) -> Tensor:
+        raise NotImplementedError("routed teacher log-probs come from the Annotator (rlad_pl.pipeline)")
+
+    def release(self) -> None:
+        for r in self.routes:
+            r.scorer.release()
+
+    def close(self) -> None:
+        for r in self.routes:
+            r.scorer.close()
+
+
+__all__ = ["TeacherConfig", "TeacherRoute", "RoutedTeachers"]

@@ -25,10 +25,10 @@ from rlad_pl.models.loading import (
     shared_vocab_size,
     warn_remote_code,
 )
-from rlad_pl.objectives.base import REF_LOGPROBS, TEACHER_LOGPROBS
+from rlad_pl.objectives.base import REF_LOGPROBS, TEACHER_HIDDEN, TEACHER_LOGPROBS
 from rlad_pl.objectives.plan import ObjectivePlan
 from rlad_pl.teacher import LocalTeacher, TeacherScorer
-from rlad_pl.teacher.routes import TeacherConfig, TeacherRoute
+from rlad_pl.teacher.routes import RoutedTeachers, TeacherConfig, TeacherRoute
 
 
 @dataclass
@@ -141,12 +141,8 @@ def _load_named(plan: ObjectivePlan, teachers: dict, *, teacher, student, tokeni
                           "teachers), not both")
     if not plan.needs_teacher:
         raise ConfigError("model.teachers", f"{', '.join(plan.names)} use no teacher; remove model.teachers")
-    full = sorted(plan.inputs & {"teacher_hidden", "teacher_topk"})
-    if len(teachers) > 1 and (full or plan.responses == "teacher" or plan.teacher_prompt == "privileged"):
-        need = full or "teacher responses"
-        raise ConfigError("model.teachers", f"{', '.join(plan.names)} with several teachers: routed teachers "
-                          f"serve sampled-token objectives (OPDSampled, KDRL, TRRD, ReNIO); {need} need one teacher "
-                          "(model.teacher)")
+    if len(teachers) > 1:
+        check_several_teachers(plan)
     hub = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
     student_src, tok_src = resolve_model_and_tokenizer(student, "model.student", tokenizer, "model.tokenizer",
                                                        student_revision, tokenizer_revision, **hub)
@@ -192,9 +188,27 @@ def _load_named(plan: ObjectivePlan, teachers: dict, *, teacher, student, tokeni
                          trust_remote_code=trust_remote_code, dtype=dtype, teacher_dtype=None, lora=lora,
                          gradient_checkpointing=gradient_checkpointing, compile=compile, teacher_backend=None)
     models.routes, models.tags = routes, {**models.tags, **tags, "teacher": None}
-    # one named teacher also serves the full-vocabulary inputs (several are refused above)
+    # one named teacher serves every input as model.teacher; several serve the loss's top-k through RoutedTeachers
+    # (the module builds it in routing order: ``routed_scorer``)
     models.teacher_backend = next(iter(routes.values())).scorer if len(routes) == 1 else None
     return models
+
+
+def check_several_teachers(plan: ObjectivePlan) -> None:
+    """Several routed teachers serve the sampled-token objectives and the full-vocabulary ones through their top-k
+    (``rlad_pl.teacher.routes.RoutedTeachers``); hidden states, teacher responses and a privileged teacher prompt
+    need one teacher: one line each."""
+    names = ", ".join(plan.names)
+    if TEACHER_HIDDEN in plan.inputs:
+        raise ConfigError("model.teachers", f"{names} with several teachers need ['teacher_hidden'], which routed "
+                          "teachers do not give; set the objective's teacher_top_k: k (each row's own teacher's "
+                          "top-k distribution), or use one teacher (model.teacher)")
+    need = ("teacher responses" if plan.responses == "teacher" else
+            "a privileged teacher prompt" if plan.teacher_prompt == "privileged" else None)
+    if need:
+        raise ConfigError("model.teachers", f"{names} with several teachers: routed teachers serve sampled-token "
+                          "objectives (OPDSampled, KDRL, TRRD, ReNIO) and full-vocabulary ones with teacher_top_k; "
+                          f"{need} need one teacher (model.teacher)")
 
 
 def load_routes(routes: dict[str, TeacherRoute], used, *, student_source, student_dtype: str, lora,
@@ -224,6 +238,12 @@ def shard_models(models, mesh, mixed_precision: Optional[str]) -> None:
     for m in models:
         if isinstance(m, torch.nn.Module):
             shard_model(m, mesh, policy)
+
+
+def routed_scorer(routes: dict[str, TeacherRoute], names) -> RoutedTeachers:
+    """The loss's teacher with named teachers: the routes ``names`` in routing order (``RolloutBatch.teacher_ids``
+    indexes ``names``, as the pipeline's ``teacher_names``)."""
+    return RoutedTeachers([routes[n] for n in names])
 
 
 def routed_teachers(routes: dict[str, TeacherRoute], keys, default: Optional[str], field: str) -> list[str]:

@@ -37,7 +37,7 @@ from rlad_pl.training.checkpointing import defer_sigint
 from rlad_pl.training.hooks import EvaluationHooks
 from rlad_pl.training.link import RolloutLink
 from rlad_pl.training.loss import student_outputs
-from rlad_pl.training.models import load_models, load_routes, routed_teachers, shard_models
+from rlad_pl.training.models import load_models, load_routes, routed_scorer, routed_teachers, shard_models
 from rlad_pl.training.module_checks import check_groups, check_optimizer, check_settings
 from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.training.step_guard import StepGuard
@@ -85,7 +85,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         compile: ``torch.compile`` the training backbones (``rlad_pl.models.compiled``); ~1e-5 from eager.
         teachers: named teachers instead of ``teacher`` (``rlad_pl.teacher.routes.TeacherConfig`` each: ``model``,
             ``tokenizer``, ``revision``, ``dtype``, ``backend``, ``prompt_format``); the task routes each problem to
-            one (``Problem.teacher``); only routed teachers load; sampled-token objectives when several.
+            one (``Problem.teacher``); only routed teachers load; several: sampled-token objectives, top-k ones.
         default_teacher: the teacher of problems that name none (default: the only one).
     """
 
@@ -126,7 +126,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         self.teacher_backend, self.teacher, self.reference = m.teacher_backend, m.teacher, m.reference
         self.model_tags, self.vocab_size = m.tags, m.vocab_size
         self.routes, self.default_teacher, self._student_source = m.routes, default_teacher, m.student_source
-        self._named = bool(teachers)  # model.teachers (routed), not one model.teacher
+        self._named, self.loss_teacher = bool(teachers), m.teacher_backend  # named: RoutedTeachers (_load_routes)
         self.teachers = torch.nn.ModuleDict()  # the routed teachers' models that run in the trainer
         self.compiled = bool(compile)  # (not ``self.compile``: that is nn.Module.compile)
         check_top_k_vocab(self.objectives, self.vocab_size)  # teacher_top_k <= the shared vocabulary
@@ -155,7 +155,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
             self._load_routes(routed_teachers(self.routes, teacher_keys, self.default_teacher, "data.task"))
 
     def _load_routes(self, names) -> None:
-        self._routed = list(names)
+        self._routed, self.loss_teacher = list(names), routed_scorer(self.routes, names)
         for model in load_routes(self.routes, names, student_source=self._student_source,
                                  student_dtype=self.hparams.dtype, lora=self.lora, vocab_size=self.vocab_size):
             self.teachers[str(len(self.teachers))] = model
@@ -220,7 +220,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ the loss
     def student_outputs(self, batch: RolloutBatch) -> StudentOutputs:
-        return student_outputs(self.student, batch, plan=self.plan, teacher=self.teacher_backend,
+        return student_outputs(self.student, batch, plan=self.plan, teacher=self.loss_teacher,
                                temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
                                log_entropy=self.log_entropy, step=self.global_step if self._trainer is not None else 0)
 
