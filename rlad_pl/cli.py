@@ -1,5 +1,6 @@
 """``python -m rlad_pl {fit,validate,test} --config configs/X.yaml``: a ``LightningCLI`` over
-``DistillationModule`` and ``RolloutDataModule``.
+``DistillationModule`` and ``RolloutDataModule``. ``python -m rlad_pl serve --config configs/X.yaml`` is dispatched
+before it (no Lightning import): a vLLM server for the config's student (``rlad_pl.rollout.launch``).
 
 Configs are parsed in jsonargparse's ``omegaconf`` mode, so a YAML file can interpolate its own values, e.g.
 ``teacher_tokenizer: ${model.tokenizer}``. Defaults that on-policy training needs are set here: dataloaders reload
@@ -417,6 +418,23 @@ def describe_error(err: BaseException, stage: str, argv: list[str]) -> str:
     return f"{where}: {type(err).__name__}: {text}"[:600]
 
 
+def serve(argv: list[str]) -> int:
+    """``python -m rlad_pl serve``: bad input ends in one line ``rlad_pl: error: <field>: <message>`` (exit code 2,
+    like the training subcommands; ``--debug`` or ``RLAD_PL_DEBUG=1``: the traceback)."""
+    from rlad_pl.rollout.launch import serve_main
+
+    debug = "--debug" in argv or os.environ.get("RLAD_PL_DEBUG", "").lower() not in ("", "0", "false", "no")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    try:
+        return serve_main(argv)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"rlad_pl: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(args: Optional[list[str]] = None, run: bool = True):
     """Entry point. ``args`` replaces ``sys.argv[1:]`` (tests call it in-process).
 
@@ -425,11 +443,13 @@ def main(args: Optional[list[str]] = None, run: bool = True):
     ``ConfigError`` raised later during training. Other errors during training keep their traceback. ``--debug``
     (or ``RLAD_PL_DEBUG=1``) re-raises with the full traceback instead.
     """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     import jsonargparse
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_startup()
-    argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("RLAD_PL_DEBUG", "").lower() not in ("", "0", "false", "no")
     stripped = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -5,6 +5,8 @@
   followed by overrides that make them short (one rollout batch, a few prompts, a temporary output folder); lines
   that need a GPU, a launcher (``torchrun``, ``srun``) or the real model built by ``tools/build_real_model.py`` are
   checked with ``--print_config`` instead.
+* ``python -m rlad_pl serve ...`` lines (also in a script, ``srun ... &``) build the server command they would run
+  (``--print-only``); ``tests/test_serve_launcher.py`` runs one. Shell variable assignments are skipped.
 * ``python tools/X.py ...`` lines: the tool exists and its ``--help`` parses.
 * ``mkdocs build ...`` lines build the site strictly into a temporary folder.
 * YAML blocks: each parses. A block whose first line is ``# configs/X.yaml (excerpt)`` must agree with that file
@@ -45,6 +47,8 @@ NOT_RUN = {
     "huggingface-cli": "hub login / download (no hub here)",
     "hf": "hub login / download (no hub here)",
     "vllm": "starts a server",
+    "curl": "asks a running server (tests/test_serve_launcher.py starts one and asks it)",
+    "until": "shell loop waiting for a server",
     "ruff": "linter: CI (.ci/run) runs it on the whole tree",
     "bash": "tools/gpu_check.sh needs a GPU (tests/test_gpu_check.py runs its --cpu --tiny mode); "
             "tools/fetch_gpu_wheels.sh downloads from PyPI",
@@ -60,9 +64,10 @@ FRAGMENT_BASES = {
 #: rollout batch, since 2 prompts may not split into a config's own number of steps
 SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data.steps_per_rollout", "1",
          "--data.val_prompts", "4", "--data.val_k", "2", "--data.pass_k", "[1, 2]", "--data.val_batch_prompts", "4"]
-#: commands checked with --print_config only: a GPU, or the real model (tools/build_real_model.py builds it once;
-#: tests/test_real_model.py trains it)
-CHECK_ONLY = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3|own_model_trrd|smollm2")
+#: commands checked with --print_config only: a GPU, the real model (tools/build_real_model.py builds it once;
+#: tests/test_real_model.py trains it), or a running rollout server (tests/test_server_sampler.py fits through one)
+CHECK_ONLY = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3|own_model_trrd|smollm2|"
+                        r"server_demo")
 LAYERED_ON = re.compile(r"^#\s*layered on\s+(configs/[\w.-]+\.yaml)")
 EXCERPT_OF = re.compile(r"^#\s*(configs/[\w.-]+\.yaml)\s+\(excerpt\)")
 
@@ -130,6 +135,9 @@ def _cli_args(words: list[str]) -> list[str]:
 
 def _run_brief(args: list[str], tmp_path: Path, check_only: bool) -> None:
     sub = args[0]
+    if sub == "serve":  # would start a server: the command it prints is built (tests/test_serve_launcher.py runs it)
+        assert run_cli(*[a for a in args if a != "--print-only"], "--print-only") == 0
+        return
     if check_only:
         args = [a for a in args if a not in ("--print_config",)]
         with pytest.raises(SystemExit) as exc:
@@ -192,6 +200,10 @@ def test_every_docs_page_is_in_the_mkdocs_nav():
 def test_readme_shell_command(page, lineno, command, tmp_path, monkeypatch):
     where = f"{page} line {lineno}"
     words = shlex.split(command)
+    if words[-1] == "&":  # started in the background in a script
+        words = words[:-1]
+    if re.match(r"^[A-Za-z_]\w*=", words[0]):
+        pytest.skip(f"{where}: shell variable")
     if words[0] in NOT_RUN:
         pytest.skip(f"{where}: {NOT_RUN[words[0]]}")
     if words[:2] == ["python", "-c"] and "load_dataset" in command:
