@@ -280,3 +280,83 @@ def test_a_server_lost_mid_run_stops_in_one_line_and_the_run_resumes(tmp_path):
     assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == epochs
     # the resumed run pushed its restored weights before sampling: a push for every rollout batch it made
     assert len(scalars(root / "lightning_logs" / "version_1", "sync/weight_sync_bytes")) == epochs - done
+
+
+def _server_config(path: Path, url: str, prompts: int, epochs: int) -> Path:
+    """GRPO on the tiny student from a rollout server, ``seed_per_prompt`` (the same samples on 1 or 2 processes),
+    greedy validation, a checkpoint every epoch."""
+    import yaml
+
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": epochs, "default_root_dir": str(path.parent / (path.stem + "_runs")),
+                    "check_val_every_n_epoch": epochs, "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                        "save_top_k": -1, "every_n_epochs": 1, "save_on_train_epoch_end": True}}]},
+        "model": {"student": "assets/tiny-student", "loss_agg": "token_mean",
+                  "objectives": [{"class_path": "rlad_pl.objectives.GRPO"}],
+                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3.0e-3, "weight_decay": 0.0}},
+                  "grad_clip": 1.0},
+        "data": {"task": {"class_path": "rlad_pl.data.CharFrequencyTask", "init_args": {"target": "a"}},
+                 "sampler": {"class_path": "rlad_pl.rollout.server.ServerSampler", "init_args": {"urls": [url]}},
+                 "prompts_per_rollout": prompts, "group_size": 4, "micro_batch_size": 4, "seed_per_prompt": True,
+                 "sampling": {"temperature": 1.0, "max_new_tokens": 8},
+                 "val_sampling": {"temperature": 0.0, "max_new_tokens": 8},
+                 "val_prompts": 8, "val_k": 1, "correct_threshold": 0.1, "seed": 0},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _two_nodes(config: Path, *extra: str) -> None:
+    """``torchrun --nnodes 2`` on 127.0.0.1: node ranks 0 and 1, one process each, FSDP2 (gloo) across them."""
+    from conftest import REPO
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), "-m", "rlad_pl", "fit", "--config", str(config), "--trainer.accelerator",
+                               "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
+                               "--trainer.strategy.class_path", "ModelParallelStrategy", *extra],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_nodes_train_from_one_server_like_one_process_and_resume(server, tmp_path):
+    """A trainer of 2 processes started by ``torchrun --nnodes 2`` (node ranks 0 and 1 on 127.0.0.1, gloo, FSDP2),
+    rollouts from one server that rank 0 pushes into: its losses match the 1-process run within the distributed
+    tests' tolerance, and it resumes from its checkpoint."""
+    from conftest import REPO
+
+    epochs = 3
+    one_cfg = _server_config(tmp_path / "one.yaml", server, 4, epochs)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "rlad_pl", "fit", "--config", str(one_cfg)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-6000:]
+    two_cfg = _server_config(tmp_path / "two.yaml", server, 2, epochs)
+    _two_nodes(two_cfg)
+    import json
+    import urllib.request
+    assert json.loads(urllib.request.urlopen(server + "/is_paused", timeout=10).read())["is_paused"] is False
+    one, two = (cfg.parent / (cfg.stem + "_runs") / "lightning_logs" / "version_0" for cfg in (one_cfg, two_cfg))
+    for tag in ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean", "sync/weight_sync_bytes"):
+        a, b = scalars(one, tag), scalars(two, tag)
+        assert len(a) == len(b) == epochs, tag
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-6, msg=tag)
+    assert scalars(two, "val/all/mean@1") == pytest.approx(scalars(one, "val/all/mean@1"), abs=1e-6)
+    # resume the two-node run from its first epoch's checkpoint: the remaining epochs log the same losses
+    ckpt = sorted((two / "checkpoints").glob("epoch=0-*.ckpt"))
+    assert ckpt, sorted(p.name for p in (two / "checkpoints").iterdir())
+    _two_nodes(two_cfg, "--ckpt_path", str(ckpt[0]))
+    resumed = two.parent / "version_1"
+    torch.testing.assert_close(torch.tensor(scalars(resumed, "train/loss")),
+                               torch.tensor(scalars(two, "train/loss")[1:]), rtol=1e-4, atol=1e-6)

@@ -137,6 +137,11 @@ class ServerSampler(Sampler):
             info = self._retry(client.url, "GET /v1/models", lambda c=client: c._get("/v1/models"))
             served = (info or {}).get("data") or [{}]
             client._model = served[0].get("id")
+            if rank == 0 and self._retry(client.url, "GET /is_paused", client.is_paused):
+                # a trainer stopped mid-push (kill -9) leaves the server paused: every request would wait forever
+                print(f"rlad_pl: the rollout server at {client.url} was paused (a trainer stopped during a weight "
+                      "push?); resuming it")
+                self._retry(client.url, "POST /resume", client.resume)
             if served[0].get("max_model_len"):
                 lengths.append(int(served[0]["max_model_len"]))
             if self.check_model:
@@ -145,6 +150,8 @@ class ServerSampler(Sampler):
             if rank == 0:
                 self._open_transfer(client)
         self.max_model_len = min(lengths) if lengths else None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank still checks a server that rank 0's first push pauses
 
     def _open_transfer(self, client) -> None:
         from rlad_pl.rollout.server_client import ServerError
@@ -211,10 +218,13 @@ class ServerSampler(Sampler):
             nbytes += stats["bytes"]
             buckets += stats["buckets"]
             tensors += stats["tensors"]
-        if world > 1:
-            torch.distributed.barrier()  # no rank samples before the push is complete
-        return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets),
-                "weight_sync_tensors": float(tensors)}
+        out = {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets),
+               "weight_sync_tensors": float(tensors)}
+        if world > 1:  # no rank samples before rank 0's push is complete; every rank logs what was pushed
+            box = [out]
+            torch.distributed.broadcast_object_list(box, src=0)
+            out = box[0]
+        return out
 
     # ------------------------------------------------------------------------------------------------ sampling
     def check_lengths(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:
@@ -243,8 +253,9 @@ class ServerSampler(Sampler):
             raise ConfigError("data.sampling.temperature", f"vLLM accepts temperatures in [0, 2], got "
                                                            f"{params.temperature}")
         self.check_lengths(prompt_ids, params)
-        rank, _ = _rank_world()
-        base = _mix_seed(params.seed + 1_000_003 * rank)  # ranks sample their own prompts with their own noise
+        # prompt i's n samples use seeds base + i n .. (VLLMSampler's rule): the same seed gives the same samples
+        # whichever rank asks, so a seed_per_prompt run samples the same on 1 or N processes
+        base = _mix_seed(params.seed)
         workers = max(1, min(self.max_concurrency, len(prompt_ids)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda i: self._request(i, list(prompt_ids[i]), params,
