@@ -187,6 +187,59 @@ def test_after_each_step_the_server_answers_like_the_trainer(server):
 
 @needs_vllm
 @pytest.mark.vllm
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_server_answers_like_the_trainer_after_each_step(tmp_path):
+    """SmolLM2-135M-Instruct (fp32, 30 layers, tied embeddings, 49,152 tokens; ``tools/build_real_model.py``) served
+    by its own vLLM server: after each of 3 optimizer steps (SFT toward " a banana.", lr 1e-5) and a push, the
+    server's greedy answers equal the trainer's own greedy decode (``HFSampler``), and the steps did change them."""
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.rollout.hf import HFSampler
+    from rlad_pl.rollout.sampler import SamplingParams
+    from rlad_pl.rollout.server import ServerSampler
+    from rlad_pl.testing.real_model import RealModelUnavailable, build_real_model
+
+    try:
+        path = build_real_model(log=None)
+    except RealModelUnavailable as e:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be built: {e}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # short prompts, 12 new tokens: a 64-token context and a 64 MB KV cache are plenty
+    proc = start_server(path, port, *RL_ARGS, "--max-model-len", "64", log=tmp_path / "server.log")
+    sampler = ServerSampler(urls=[url])
+    try:
+        tok, student = load_tokenizer(str(path)), load_causal_lm(str(path), "model.student")  # while it starts
+        hf = HFSampler()
+        hf.setup(student, tok)
+        wait_ready(url, proc)
+        sampler.setup(student, tok)
+        assert sampler.max_model_len == 64
+        prompts = [tok(t, add_special_tokens=False)["input_ids"]
+                   for t in ("The capital of France is", "1, 2, 3, 4,", "My favourite fruit is")]
+        target = tok(" a banana.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        greedy = SamplingParams(temperature=0, max_new_tokens=12)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
+        answers = []
+        for step in range(4):
+            if step:
+                _sft_step(student, opt, prompts, target)
+            stats = sampler.sync_weights(student)
+            # tied embeddings are sent once: the push is the parameters' bytes, fp32
+            assert stats["weight_sync_bytes"] == 4 * sum(p.numel() for p in student.parameters()), stats
+            served = sampler.generate(prompts, greedy).completion_ids
+            own = hf.generate(prompts, greedy).completion_ids
+            assert served == own, (step, [tok.decode(s) for s in served], [tok.decode(s) for s in own])
+            answers.append(served)
+        assert any(a != answers[0] for a in answers[1:]), [tok.decode(s) for s in answers[0]]
+        assert sampler.clients[0].weight_info()["weight_version"] == "4"
+    finally:
+        sampler.close()
+        stop_server(proc)
+
+
+@needs_vllm
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_a_server_without_weight_transfer_or_processed_logprobs_is_one_line(tmp_path):
     from rlad_pl.core.errors import ConfigError
