@@ -34,6 +34,7 @@ class RolloutBatch:
     extras: dict = field(default_factory=dict)  # objective-specific per-sequence tensors, first dim N
     teacher_ids: Optional[Tensor] = None  # [N] long: which named teacher scores each row (None: the only one)
     prompt_texts: Optional[list] = None  # [N] prompt texts (a teacher with another tokenizer re-encodes them)
+    weight_version: Optional[Tensor] = None  # [N] long: optimizer steps the sampling weights had (asynchronous)
 
     @property
     def num_sequences(self) -> int:

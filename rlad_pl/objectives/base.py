@@ -34,6 +34,14 @@ from torch import Tensor
 
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.objectives.off_policy import (
+    KINDS,
+    Correction,
+    OffPolicy,
+    OffPolicySetting,
+    off_policy_weights,
+    parse_off_policy,
+)
 
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -117,6 +125,15 @@ def sanitize_logprobs(logp: Tensor, floor: float = LOGPROB_FLOOR) -> Tensor:
     return torch.nan_to_num(logp, nan=floor, posinf=0.0, neginf=floor).clamp(floor, 0.0)
 
 
+def old_logprobs_of(batch: RolloutBatch, logp: Tensor) -> Tensor:
+    """pi_old: the stored snapshot (non-finite entries replaced by the current value, i.e. ratio 1), or (one update
+    per rollout batch) the detached current log-probs."""
+    if batch.old_logprobs is None:
+        return logp.detach()
+    old = batch.old_logprobs.detach()
+    return torch.where(torch.isfinite(old), old, logp.detach())
+
+
 @dataclass
 class StudentOutputs:
     """What the module computed for the student on one micro-batch (fields not required are ``None``)."""
@@ -158,6 +175,13 @@ class Objective:
     needs_groups: ClassVar[bool] = False
     #: needs a teacher model (also implied by teacher inputs, teacher responses or a privileged teacher prompt)
     needs_teacher: ClassVar[bool] = False
+    #: the off-policy correction ``off_policy: auto`` uses in an asynchronous run (``rlad_pl.objectives.off_policy``)
+    declared_off_policy: ClassVar[str] = "none"
+    #: the corrections that mean something for this loss (others are refused in one line)
+    off_policy_kinds: ClassVar[tuple[str, ...]] = KINDS
+    #: the correction in force (set by ``resolve_off_policy`` at setup; none until then)
+    off_policy: OffPolicy = OffPolicy()
+    off_policy_setting: Optional[OffPolicy] = None
 
     @property
     def requires(self) -> frozenset[str]:
@@ -179,7 +203,8 @@ class Objective:
         if PRIVILEGED_PROMPT in value:
             self.teacher_prompt = "privileged"
 
-    def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None):
+    def __init__(self, weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[AggMode] = None,
+                 off_policy: OffPolicySetting = "auto"):
         from rlad_pl.core.validation import check_choice, check_float
 
         self.name = name or type(self).__name__.lower()
@@ -191,6 +216,32 @@ class Objective:
         if loss_agg is not None:  # checked here, not at the first step
             check_choice(f"{self.name}.loss_agg", loss_agg, AGG_MODES)
         self.loss_agg = loss_agg
+        self.off_policy_setting = parse_off_policy(f"{self.name}.off_policy", off_policy)
+        if self.off_policy_setting is not None:  # checked against the loss at setup (``resolve_off_policy``)
+            self.off_policy = self.off_policy_setting
+
+    def resolve_off_policy(self, asynchronous: bool) -> OffPolicy:
+        """Fix the correction in force: the one named in YAML, else (``auto``) the declared one when the run is
+        asynchronous and none when it is not. A correction this loss cannot use is one line."""
+        spec = self.off_policy_setting or OffPolicy(self.declared_off_policy if asynchronous else "none")
+        kinds = self.off_policy_kinds if self.responses == "student" else ("none",)
+        if spec.kind not in kinds:
+            why = ("its responses do not come from the student, so they never go stale" if self.responses != "student"
+                   else "see docs/async.md")
+            raise ConfigError(f"{self.name}.off_policy", f"{type(self).__name__} takes {', '.join(kinds)}, got "
+                              f"{spec.kind!r} ({why})")
+        self.off_policy = spec
+        return spec
+
+    def off_policy_correction(self, batch: RolloutBatch, logp: Tensor) -> Correction:
+        """This micro-batch's weights from the correction in force (``weights`` None: no correction)."""
+        if not self.off_policy.active:
+            return Correction(None, {})
+        if batch.sampler_logprobs is None:
+            raise ConfigError(f"{self.name}.off_policy", f"the {self.off_policy.kind} correction needs the sampler's "
+                              "log-probs, and this sampler reports none (ServerSampler and VLLMSampler do)")
+        return off_policy_weights(self.off_policy, old_logprobs_of(batch, logp), batch.sampler_logprobs,
+                                  batch.response_mask)
 
     def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
         raise NotImplementedError
@@ -219,6 +270,19 @@ class TokenObjective(Objective):
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
+    #: ``per_token`` applies the off-policy correction itself (GRPO: to the surrogate only)
+    corrects_in_per_token: ClassVar[bool] = False
+
+    def corrected_per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """``per_token`` with the off-policy weights in force applied (``w_t v_t``)."""
         values, metrics = self.per_token(batch, out)
+        if not self.corrects_in_per_token:
+            corr = self.off_policy_correction(batch, out.logprobs)
+            if corr.weights is not None:
+                values = values * corr.weights.to(values.dtype)
+            metrics.update(corr.metrics)
+        return values, metrics
+
+    def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
+        values, metrics = self.corrected_per_token(batch, out)
         return LossOutput(self.aggregate(values, batch.response_mask, denom), metrics)

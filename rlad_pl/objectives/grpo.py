@@ -12,6 +12,7 @@ reweights it per sample.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Optional
 
 import torch
@@ -27,8 +28,10 @@ from rlad_pl.objectives.base import (
     StudentOutputs,
     TokenObjective,
     masked_mean,
+    old_logprobs_of,
     sanitize_logprobs,
 )
+from rlad_pl.objectives.off_policy import OffPolicy, OffPolicySetting
 
 KLEstimator = Literal["k1", "k2", "k3"]
 #: log-ratios are clamped to +-LOG_RATIO_LIMIT before exp so that extreme ratios stay finite (exp(20) ~ 4.9e8)
@@ -65,15 +68,6 @@ def kl_estimate(logp: Tensor, logp_ref: Tensor, estimator: KLEstimator = "k3") -
     if estimator == "k3":
         return torch.expm1(-d) + d
     raise ValueError(f"kl estimator: unknown '{estimator}' (expected k1, k2 or k3)")
-
-
-def old_logprobs_of(batch: RolloutBatch, logp: Tensor) -> Tensor:
-    """pi_old: the stored snapshot (non-finite entries replaced by the current value, i.e. ratio 1), or (one update
-    per rollout batch) the detached current log-probs."""
-    if batch.old_logprobs is None:
-        return logp.detach()
-    old = batch.old_logprobs.detach()
-    return torch.where(torch.isfinite(old), old, logp.detach())
 
 
 def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -116,11 +110,15 @@ class GRPO(TokenObjective):
 
     inputs = frozenset({ADVANTAGES, OLD_LOGPROBS})
     needs_groups = True
+    #: asynchronous runs: decoupled PPO, the clip around the trainer's own pre-update policy and a truncated
+    #: importance weight from the behaviour policy to it (docs/async.md)
+    declared_off_policy = "tis"
+    corrects_in_per_token = True
 
     def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, ref_kl_coef: float = 0.0,
                  ref_kl_estimator: KLEstimator = "k3", tis_cap: Optional[float] = None, weight: float = 1.0,
-                 name: Optional[str] = None, loss_agg: Optional[str] = None):
-        super().__init__(weight=weight, name=name, loss_agg=loss_agg)
+                 name: Optional[str] = None, loss_agg: Optional[str] = None, off_policy: OffPolicySetting = "auto"):
+        super().__init__(weight=weight, name=name, loss_agg=loss_agg, off_policy=off_policy)
         if eps_low < 0 or eps_high < 0:
             field = f"{self.name}.eps_low" if eps_low < 0 else f"{self.name}.eps_high"
             raise ConfigError(field, f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
@@ -155,14 +153,29 @@ class GRPO(TokenObjective):
         return w, {"tis_active": logp.new_ones(()), "tis_clip_frac": masked_mean(truncated.float(), mask),
                    "tis_weight_mean": masked_mean(w, mask)}
 
+    def resolve_off_policy(self, asynchronous: bool) -> OffPolicy:
+        if self.tis_cap is not None and self.off_policy_setting is not None:
+            raise ConfigError(f"{self.name}.off_policy", "tis_cap already sets a truncated importance weight; set "
+                              "either tis_cap or off_policy")
+        return super().resolve_off_policy(asynchronous and self.tis_cap is None)
+
     def per_token(self, batch: RolloutBatch, out: StudentOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
-        log_ratio, metrics = self.log_ratio(batch, out.logprobs)
+        ratio_batch = batch
+        if self.off_policy.kind == "ratio":  # the PPO ratio and clip against the behaviour policy itself
+            if batch.sampler_logprobs is None:
+                self.off_policy_correction(batch, out.logprobs)  # one line: no sampler log-probs
+            ratio_batch = replace(batch, old_logprobs=sanitize_logprobs(batch.sampler_logprobs))
+        log_ratio, metrics = self.log_ratio(ratio_batch, out.logprobs)
         surr, ratio, c_low, c_high = ppo_clipped_surrogate(log_ratio, batch.advantages, self.eps_low, self.eps_high)
         metrics.update(clip_metrics(ratio, c_low, c_high, mask))
         metrics["advantage_abs_mean"] = batch.advantages.detach().abs().mean()
         w, tis_metrics = self.tis_weights(batch, out.logprobs)
         metrics.update(tis_metrics)
+        if self.off_policy.kind != "ratio":
+            corr = self.off_policy_correction(batch, out.logprobs)
+            metrics.update(corr.metrics)
+            w = corr.weights if w is None else w
         values = -surr if w is None else -(w * surr)
         if self.ref_kl_coef > 0:
             kl = kl_estimate(out.logprobs, sanitize_logprobs(batch.ref_logprobs), self.ref_kl_estimator)

@@ -19,6 +19,7 @@ from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import TEACHER_LOGPROBS, StudentOutputs, masked_mean, sanitize_logprobs
 from rlad_pl.objectives.grpo import GRPO, KLEstimator, kl_estimate
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 
 def kd_response_mask(rewards: Tensor, advantages: Tensor, correct_threshold: Optional[float]) -> Tensor:
@@ -54,10 +55,11 @@ class KDRL(GRPO):
                  kd_correct_threshold: Optional[float] = None, kd_coef_end: Optional[float] = None,
                  kd_anneal_steps: int = 0, eps_low: float = 0.2, eps_high: float = 0.28,
                  ref_kl_coef: float = 0.0, ref_kl_estimator: KLEstimator = "k3", tis_cap: Optional[float] = None,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__(eps_low=eps_low, eps_high=eps_high, ref_kl_coef=ref_kl_coef,
                          ref_kl_estimator=ref_kl_estimator, tis_cap=tis_cap, weight=weight, name=name,
-                         loss_agg=loss_agg)
+                         loss_agg=loss_agg, off_policy=off_policy)
         if kd_coef < 0:
             raise ConfigError(f"{self.name}.kd_coef", f"expected a value >= 0, got {kd_coef}")
         if kd_estimator not in ("k1", "k2", "k3"):
@@ -92,6 +94,9 @@ class KDRL(GRPO):
             keep = kd_response_mask(batch.rewards, batch.advantages, self.kd_correct_threshold)
             kd = kd * keep.unsqueeze(-1)
             metrics["kd_masked_frac"] = 1.0 - keep.mean()
+        corr = self.off_policy_correction(batch, out.logprobs)  # the KD term's samples are stale too
+        if corr.weights is not None:
+            kd = kd * corr.weights.to(kd.dtype)
         metrics["kd_estimate"] = masked_mean(kd, mask)
         metrics["reverse_kl_sampled"] = masked_mean(out.logprobs.detach() - teacher, mask)
         metrics["kd_coef"] = kd.new_tensor(coef)

@@ -47,6 +47,7 @@ from rlad_pl.objectives.base import (
     TokenObjective,
     masked_mean,
 )
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 Divergence = Literal["forward", "reverse", "mix", "jsd", "skew_forward", "skew_reverse", "clipped_forward"]
 PrefixSource = Literal["student", "teacher", "dataset"]
@@ -84,13 +85,16 @@ class TokenKL(TokenObjective):
 
     inputs = frozenset({STUDENT_HIDDEN, TEACHER_HIDDEN})
     needs_teacher = True
+    #: the divergence at position t does not depend on the token sampled there, only on the prefix before it: a
+    #: per-token weight corrects nothing, a whole prefix drawn far from the current student can be dropped
+    off_policy_kinds = ("none", "seq_mask")
 
     def __init__(self, divergence: Divergence = "forward", kl_mix_lambda: float = 0.25, jsd_beta: float = 0.5,
                  skew_alpha: float = 0.1, clip_kappa: Optional[float] = 0.05, clip_lower: Optional[float] = 0.0,
                  prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
                  weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
-                 teacher_top_k: Optional[int] = None):
-        super().__init__(weight=weight, name=name, loss_agg=loss_agg)
+                 teacher_top_k: Optional[int] = None, off_policy: OffPolicySetting = "auto"):
+        super().__init__(weight=weight, name=name, loss_agg=loss_agg, off_policy=off_policy)
         n = self.name
         self.teacher_top_k = check_top_k_value(f"{n}.teacher_top_k", teacher_top_k)
         if self.teacher_top_k is not None:
@@ -210,9 +214,10 @@ class ForwardKL(TokenKL):
 
     def __init__(self, prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
                  weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
-                 teacher_top_k: Optional[int] = None):
+                 teacher_top_k: Optional[int] = None, off_policy: OffPolicySetting = "auto"):
         super().__init__("forward", prefix_source=prefix_source, chunk_size=chunk_size, log_stats=log_stats,
-                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k)
+                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k,
+                         off_policy=off_policy)
 
 
 class ReverseKL(TokenKL):
@@ -220,9 +225,10 @@ class ReverseKL(TokenKL):
 
     def __init__(self, prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
                  weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
-                 teacher_top_k: Optional[int] = None):
+                 teacher_top_k: Optional[int] = None, off_policy: OffPolicySetting = "auto"):
         super().__init__("reverse", prefix_source=prefix_source, chunk_size=chunk_size, log_stats=log_stats,
-                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k)
+                         weight=weight, name=name, loss_agg=loss_agg, teacher_top_k=teacher_top_k,
+                         off_policy=off_policy)
 
 
 class KLMix(TokenKL):
@@ -230,10 +236,11 @@ class KLMix(TokenKL):
 
     def __init__(self, kl_mix_lambda: float = 0.25, prefix_source: PrefixSource = "student", chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__("mix", kl_mix_lambda=kl_mix_lambda, prefix_source=prefix_source, chunk_size=chunk_size,
                          log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
-                         teacher_top_k=teacher_top_k)
+                         teacher_top_k=teacher_top_k, off_policy=off_policy)
 
 
 class GKDJSD(TokenKL):
@@ -241,10 +248,11 @@ class GKDJSD(TokenKL):
 
     def __init__(self, jsd_beta: float = 0.5, prefix_source: PrefixSource = "student", chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__("jsd", jsd_beta=jsd_beta, prefix_source=prefix_source, chunk_size=chunk_size,
                          log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
-                         teacher_top_k=teacher_top_k)
+                         teacher_top_k=teacher_top_k, off_policy=off_policy)
 
 
 class SkewKL(TokenKL):
@@ -256,9 +264,9 @@ class SkewKL(TokenKL):
     def __init__(self, skew_alpha: float = 0.1, direction: Literal["forward", "reverse"] = "forward",
                  prefix_source: PrefixSource = "student", chunk_size: int = 256, log_stats: bool = True,
                  weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
-                 teacher_top_k: Optional[int] = None):
+                 teacher_top_k: Optional[int] = None, off_policy: OffPolicySetting = "auto"):
         if direction not in ("forward", "reverse"):
             raise ConfigError(f"{name or 'skewkl'}.direction", f"expected 'forward' or 'reverse', got '{direction}'")
         super().__init__(f"skew_{direction}", skew_alpha=skew_alpha, prefix_source=prefix_source,
                          chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
-                         teacher_top_k=teacher_top_k)
+                         teacher_top_k=teacher_top_k, off_policy=off_policy)

@@ -31,6 +31,7 @@ from rlad_pl.objectives.base import (
 )
 from rlad_pl.objectives.grpo import LOG_RATIO_LIMIT, old_logprobs_of
 from rlad_pl.objectives.kl import ReverseKL
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 ImportanceRatio = Literal["none", "old", "sampler"]
 
@@ -67,10 +68,19 @@ class OPDSampled(TokenObjective):
 
     inputs = frozenset({TEACHER_LOGPROBS})
     needs_teacher = True
+    #: asynchronous runs: a truncated importance weight from the behaviour policy to the student (docs/async.md)
+    declared_off_policy = "tis"
+
+    def resolve_off_policy(self, asynchronous: bool):
+        if self.importance_ratio != "none" and self.off_policy_setting is not None:
+            raise ConfigError(f"{self.name}.off_policy", "importance_ratio already weights the samples; set either "
+                              "importance_ratio or off_policy")
+        return super().resolve_off_policy(asynchronous and self.importance_ratio == "none")
 
     def __init__(self, importance_ratio: ImportanceRatio = "none", ratio_cap: Optional[float] = None,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
-        super().__init__(weight=weight, name=name, loss_agg=loss_agg)
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 off_policy: OffPolicySetting = "auto"):
+        super().__init__(weight=weight, name=name, loss_agg=loss_agg, off_policy=off_policy)
         if importance_ratio not in ("none", "old", "sampler"):
             raise ConfigError(f"{self.name}.importance_ratio",
                               f"expected 'none', 'old' or 'sampler', got '{importance_ratio}'")
@@ -113,6 +123,7 @@ class OPDFullVocab(ReverseKL):
     """
 
     def __init__(self, chunk_size: int = 256, log_stats: bool = True, weight: float = 1.0,
-                 name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__(prefix_source="student", chunk_size=chunk_size, log_stats=log_stats, weight=weight,
-                         name=name, loss_agg=loss_agg)
+                         name=name, loss_agg=loss_agg, off_policy=off_policy)

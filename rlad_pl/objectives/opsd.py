@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rlad_pl.objectives.kl import TokenKL
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 
 class OPSD(TokenKL):
@@ -30,8 +31,9 @@ class OPSD(TokenKL):
 
     def __init__(self, clip_kappa: Optional[float] = 0.05, clip_lower: Optional[float] = 0.0, chunk_size: int = 256,
                  log_stats: bool = True, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None):
+                 loss_agg: Optional[str] = None, teacher_top_k: Optional[int] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__("clipped_forward", clip_kappa=clip_kappa, clip_lower=clip_lower, prefix_source="student",
                          chunk_size=chunk_size, log_stats=log_stats, weight=weight, name=name, loss_agg=loss_agg,
-                         teacher_top_k=teacher_top_k)
+                         teacher_top_k=teacher_top_k, off_policy=off_policy)
         self.teacher_prompt = "privileged"

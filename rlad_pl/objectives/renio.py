@@ -32,6 +32,7 @@ from rlad_pl.objectives.base import (
     per_sample_token_mean,
     sanitize_logprobs,
 )
+from rlad_pl.objectives.off_policy import OffPolicySetting
 from rlad_pl.objectives.plan import declared
 
 WeightNorm = Literal["batch_mean", "none", "clamp", "ema"]
@@ -95,8 +96,8 @@ class ReNIO(Objective):
     def __init__(self, inner: Objective, tau: float = 0.8, c: float = 2.5, weight_temperature: float = 1.0,
                  weight_norm: WeightNorm = "batch_mean", weight_cap: Optional[float] = 10.0,
                  weight_norm_scope: NormScope = "micro_batch", ema_rate: float = 0.1, weight: float = 1.0,
-                 name: Optional[str] = None, loss_agg: Optional[str] = None):
-        super().__init__(weight=weight, name=name, loss_agg=loss_agg)
+                 name: Optional[str] = None, loss_agg: Optional[str] = None, off_policy: OffPolicySetting = "auto"):
+        super().__init__(weight=weight, name=name, loss_agg=loss_agg, off_policy=off_policy)
         n = self.name
         if not isinstance(inner, TokenObjective):
             raise ConfigError(f"{n}.inner", "expected a per-token objective (a TokenObjective such as OPSD, TokenKL, "
@@ -171,8 +172,15 @@ class ReNIO(Objective):
         self._ema_mean = None if ema is None else torch.as_tensor(ema)
         self.inner.load_state_dict(state.get("inner", {}))
 
+    def resolve_off_policy(self, asynchronous: bool):
+        """The inner objective's correction (``off_policy`` set here is handed to it)."""
+        if self.off_policy_setting is not None:
+            self.inner.off_policy_setting = self.off_policy_setting
+        self.off_policy = self.inner.resolve_off_policy(asynchronous)
+        return self.off_policy
+
     def compute(self, batch: RolloutBatch, out: StudentOutputs, denom: Denominators) -> LossOutput:
-        values, inner_metrics = self.inner.per_token(batch, out)
+        values, inner_metrics = self.inner.corrected_per_token(batch, out)
         per_sample = per_sample_token_mean(values, batch.response_mask)
         if per_sample.numel() == 0:
             return LossOutput(values.sum() * 0.0, {})

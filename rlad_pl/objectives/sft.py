@@ -22,6 +22,7 @@ from torch import Tensor
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import StudentOutputs, TokenObjective, masked_mean
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 
 def rejection_weights(rewards: Tensor, min_reward: Optional[float]) -> Tensor:
@@ -45,8 +46,8 @@ class SFT(TokenObjective):
 
     def __init__(self, prefix_source: Literal["teacher", "dataset", "student"] = "teacher",
                  min_reward: Optional[float] = None, weight: float = 1.0, name: Optional[str] = None,
-                 loss_agg: Optional[str] = None):
-        super().__init__(weight=weight, name=name, loss_agg=loss_agg)
+                 loss_agg: Optional[str] = None, off_policy: OffPolicySetting = "auto"):
+        super().__init__(weight=weight, name=name, loss_agg=loss_agg, off_policy=off_policy)
         if prefix_source not in ("teacher", "dataset", "student"):
             raise ConfigError(f"{self.name}.prefix_source",
                               f"expected 'teacher', 'dataset' or 'student', got '{prefix_source}'")

@@ -20,6 +20,7 @@ from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives.base import TEACHER_LOGPROBS, masked_mean, sanitize_logprobs
 from rlad_pl.objectives.grpo import GRPO, KLEstimator, old_logprobs_of
+from rlad_pl.objectives.off_policy import OffPolicySetting
 
 ClampGrad = Literal["through", "straight"]
 
@@ -74,10 +75,11 @@ class TRRD(GRPO):
     def __init__(self, alpha: float = 0.5, teacher_clamp: Optional[float] = 1.0,
                  teacher_clamp_grad: ClampGrad = "through", eps_low: float = 0.2, eps_high: float = 0.28,
                  ref_kl_coef: float = 0.0, ref_kl_estimator: KLEstimator = "k3", tis_cap: Optional[float] = None,
-                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None):
+                 weight: float = 1.0, name: Optional[str] = None, loss_agg: Optional[str] = None,
+                 off_policy: OffPolicySetting = "auto"):
         super().__init__(eps_low=eps_low, eps_high=eps_high, ref_kl_coef=ref_kl_coef,
                          ref_kl_estimator=ref_kl_estimator, tis_cap=tis_cap, weight=weight, name=name,
-                         loss_agg=loss_agg)
+                         loss_agg=loss_agg, off_policy=off_policy)
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"{self.name}.alpha", f"expected a value in [0, 1] (1 = GRPO), got {alpha}")
         if teacher_clamp is not None and not teacher_clamp > 0:

@@ -34,6 +34,7 @@ from rlad_pl.data.prompts import encode_prompt
 from rlad_pl.data.tasks import Problem, Task
 from rlad_pl.objectives.plan import ObjectivePlan
 from rlad_pl.pipeline.annotator import Annotator
+from rlad_pl.pipeline.asynchronous import AsyncRollouts
 from rlad_pl.pipeline.evaluate import EvalResult
 from rlad_pl.pipeline.scoring import Reward, score_completions
 from rlad_pl.pipeline.settings import RolloutSettings
@@ -90,12 +91,17 @@ class RolloutPipeline:
         self._teacher_cache: Optional[GenerationCache] = None
         self._next_problems = None  # (offset, count, Future): the next rollout's problems, prepared in a thread
         self._prefetcher: Optional[ThreadPoolExecutor] = None
+        k = settings.max_off_policy_steps
+        AsyncRollouts.check(k, self.sampler)
+        #: ``max_off_policy_steps > 0``: rollouts sampled ahead from earlier weights (``rlad_pl.pipeline.asynchronous``)
+        self.asynchronous: Optional[AsyncRollouts] = AsyncRollouts(self, k) if k else None
 
     # ------------------------------------------------------------------------------------------------ wiring
     def connect(self, policy: Policy) -> None:
         """Take the training side's models. The prompt format is tried on the tokenizer here, so a chat setting
         with no template, or a template that fails to render, is one line before any compute."""
         self.policy = policy
+        AsyncRollouts.check(self.settings.max_off_policy_steps, self.sampler, policy.plan.responses)
         self.encode_prompt("1+1=")
 
     @property
@@ -145,18 +151,23 @@ class RolloutPipeline:
                                                                       offset=offset))
 
     # ------------------------------------------------------------------------------------------------ 2-3. responses
-    def sync(self, step: int) -> dict[str, float]:
-        """The student's current weights into the sampler, once per optimizer step ``step``."""
+    def sync(self, step: int, setup_only: bool = False) -> dict[str, float]:
+        """The student's current weights into the sampler, once per optimizer step ``step`` (``setup_only``: only
+        set the sampler up)."""
         student = self.policy.student
         if not self._sampler_ready:
             self.sampler.setup(student, self.tokenizer)
             self._sampler_ready = True
-        if self._synced_at_step == step:
+        if setup_only or self._synced_at_step == step:
             return {}
         t0 = time.perf_counter()
         stats = self.sampler.sync_weights(student)
         self._synced_at_step = step
         return {"timing/weight_sync": time.perf_counter() - t0, **{f"sync/{k}": v for k, v in stats.items()}}
+
+    def forget_sync(self) -> None:
+        """The sampler now holds other weights (an asynchronous snapshot): the next ``sync`` pushes again."""
+        self._synced_at_step = -1
 
     def _dataset_responses(self, problems: list[Problem], n: int) -> Generation:
         """The reference solutions as responses (``n`` copies per problem), ``eos`` appended, cut at max length."""
@@ -241,11 +252,13 @@ class RolloutPipeline:
             ids.append(names.index(name))
         return torch.tensor(ids, dtype=torch.long)
 
-    def rollout(self, problems: list[Problem], seed: int, step: int, first_index: int = 0) -> Rollout:
+    def rollout(self, problems: list[Problem], seed: int, step: int, first_index: int = 0, sync: bool = True
+                ) -> Rollout:
         """Sample, score and lay out one rollout batch (steps 2-5). ``first_index``: global index of
-        ``problems[0]`` (``seed_per_prompt``); ``step``: the optimizer steps taken (the weight version)."""
+        ``problems[0]`` (``seed_per_prompt``); ``step``: the optimizer steps taken (the weight version); ``sync``
+        False: the sampler already holds the weights to sample from (asynchronous rollouts)."""
         cfg, G = self.settings, self.settings.group_size
-        stats = self.sync(step) if self.responses == "student" else {}
+        stats = self.sync(step) if sync and self.responses == "student" else {}
         prompt_ids, cut = self.encode_prompts(problems)
         t0 = time.perf_counter()
         if cfg.seed_per_prompt:
@@ -312,17 +325,33 @@ class RolloutPipeline:
     def steps(self, epoch: int, rank: int = 0, world: int = 1, step: int = 0) -> list[StepBatch]:
         """The optimizer steps of rank ``rank``'s rollout batch ``epoch``, the student at optimizer step ``step``."""
         cfg = self.settings
-        offset = cfg.problem_offset(epoch, rank, world)
         seed = cfg.rollout_seed(epoch, rank)
+        if self.asynchronous is not None:  # sampled ahead, from the weights of up to k steps ago
+            rollout = self.asynchronous.rollout(epoch, step)
+            self.stats, self.samples = rollout.stats, rollout.samples
+            self.annotate(rollout)  # the trainer's own pre-update policy, reference and teacher, now
+            steps = self.make_steps(rollout, seed)
+            for j, s in enumerate(steps):
+                s.stats = {**(s.stats or {}), **self.asynchronous.staleness(rollout, step, j)}
+            return steps
+        offset = cfg.problem_offset(epoch, rank, world)
         rollout = self.rollout(self.problems(offset), seed, step, first_index=offset)
         self.prefetch(cfg.problem_offset(epoch + 1, rank, world))
         self.annotate(rollout)
         return self.make_steps(rollout, seed)
 
+    def after_step(self, epoch: int, batch_idx: int, step: int) -> None:
+        """The trainer finished step ``batch_idx`` of rollout batch ``epoch`` (the student now at version ``step``):
+        asynchronous rollouts due from these weights start now."""
+        if self.asynchronous is not None:
+            self.asynchronous.after_slot(epoch, batch_idx, step)
+
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, problems: list[Problem], step: int, params: Optional[SamplingParams] = None) -> EvalResult:
         """``val_k`` samples per problem from the student at optimizer step ``step``, scored by the verifier."""
         params = params or self.settings.val_sampling
+        if self.asynchronous is not None:
+            self.asynchronous.drain()  # the sampler is free again before it takes the current weights
         self.sync(step)
         prompt_ids, _ = self.encode_prompts(problems)
         gen = self.sampler.generate(prompt_ids, params.with_(seed=self.settings.seed + 17))
@@ -341,6 +370,8 @@ class RolloutPipeline:
             close = getattr(sampler, "close", None)
             if callable(close):
                 close()
+        if self.asynchronous is not None:
+            self.asynchronous.close()
         self._sampler_ready = self._teacher_ready = False
         self._synced_at_step = -1
         self._next_problems = None

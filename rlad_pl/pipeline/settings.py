@@ -32,6 +32,9 @@ class RolloutSettings:
     #: held-out evaluation: samples per problem and its decoding settings (default: ``sampling`` with ``n = val_k``)
     val_k: int = 4
     val_sampling: Optional[SamplingParams] = None
+    #: asynchronous rollouts: a batch is sampled from the weights of up to this many optimizer steps before its
+    #: first update (0: synchronous; ``rlad_pl.pipeline.asynchronous``)
+    max_off_policy_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_rollout", "group_size", "micro_batch_size", "steps_per_rollout", "ppo_epochs",
@@ -42,6 +45,7 @@ class RolloutSettings:
         check_int("data.max_prompt_length", self.max_prompt_length)
         check_int("data.log_samples", self.log_samples, minimum=0)
         check_int("data.seed", self.seed, minimum=0)
+        check_int("data.max_off_policy_steps", self.max_off_policy_steps, minimum=0, hint=" (0 = synchronous)")
         check_float("data.correct_threshold", self.correct_threshold)
         if (self.prompts_per_rollout * self.group_size) % self.steps_per_rollout:
             raise ConfigError("data.steps_per_rollout", f"{self.prompts_per_rollout * self.group_size} sequences "

@@ -63,7 +63,14 @@ class Generation:
 
 
 class Sampler:
-    """Base class for rollout engines."""
+    """Base class for rollout engines.
+
+    ``max_off_policy_steps > 0`` (``rlad_pl.pipeline.asynchronous``) takes a ``snapshot`` of the student's weights
+    when a rollout batch is due and later has the engine sample from it (``load_snapshot``). ``overlaps``: the
+    engine generates outside the trainer's process and device (a server), so this can run while the trainer trains.
+    """
+
+    overlaps: bool = False
 
     def setup(self, model: torch.nn.Module, tokenizer) -> None:
         """Called once before the first rollout with the student and its tokenizer."""
@@ -75,3 +82,11 @@ class Sampler:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         raise NotImplementedError
+
+    def snapshot(self, model: torch.nn.Module):
+        """A copy of ``model``'s weights that ``load_snapshot`` can load later (called on every rank, in order)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample from earlier weights")
+
+    def load_snapshot(self, snapshot) -> dict[str, float]:
+        """Make the engine sample from a ``snapshot``; returns stats like ``sync_weights``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample from earlier weights")

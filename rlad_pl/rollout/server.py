@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
 
@@ -188,22 +188,24 @@ class ServerSampler(Sampler):
                               "serve does)")
 
     # ------------------------------------------------------------------------------------------------ weights
-    @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
-        from rlad_pl.rollout.server_client import ServerError, model_weights
+    #: generation runs in the servers' own processes, beside the trainer: ``max_off_policy_steps`` can overlap it
+    overlaps = True
+
+    def _push(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]], dtype: torch.dtype, send: bool
+              ) -> dict[str, float]:
+        """Push ``weights()`` into every server (``send``: this process sends; FSDP ranks other than 0 only take
+        part in the gathers). A server lost mid-push gets its transfer re-opened and the push retried."""
+        from rlad_pl.rollout.server_client import ServerError
 
         if not self.clients:
-            raise RuntimeError("ServerSampler.sync_weights called before setup")
-        rank, world = _rank_world()
-        dtype = next(model.parameters()).dtype
+            raise RuntimeError("ServerSampler weights pushed before setup")
         self._version += 1
         nbytes = buckets = tensors = 0
         for client in self.clients:
-            def push(c=client, send=rank == 0):
-                return c.push_weights(model_weights(model, self._tied), dtype=dtype,
-                                      bucket_bytes=self.sync_bucket_bytes, weight_version=str(self._version),
-                                      is_sender=send)
-            if rank != 0:
+            def push(c=client):
+                return c.push_weights(weights(), dtype=dtype, bucket_bytes=self.sync_bucket_bytes,
+                                      weight_version=str(self._version), is_sender=send)
+            if not send:
                 push()
                 continue
             try:
@@ -218,13 +220,38 @@ class ServerSampler(Sampler):
             nbytes += stats["bytes"]
             buckets += stats["buckets"]
             tensors += stats["tensors"]
-        out = {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets),
-               "weight_sync_tensors": float(tensors)}
+        return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets),
+                "weight_sync_tensors": float(tensors)}
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
+        from rlad_pl.rollout.server_client import model_weights
+
+        rank, world = _rank_world()
+        dtype = next(model.parameters()).dtype
+        out = self._push(lambda: model_weights(model, self._tied), dtype, send=rank == 0)
         if world > 1:  # no rank samples before rank 0's push is complete; every rank logs what was pushed
             box = [out]
             torch.distributed.broadcast_object_list(box, src=0)
             out = box[0]
         return out
+
+    @torch.no_grad()
+    def snapshot(self, model: torch.nn.Module) -> Optional[list[tuple[str, torch.Tensor]]]:
+        """The weights a push sends, gathered (FSDP2: every rank takes part) and copied to CPU on rank 0 (None on
+        the other ranks), for ``load_snapshot`` to push later from a background thread."""
+        from rlad_pl.rollout.gloo_transfer import materialize
+        from rlad_pl.rollout.server_client import model_weights
+
+        rank, _ = _rank_world()
+        dtype = next(model.parameters()).dtype
+        named = [(n, materialize(t, dtype)) for n, t in model_weights(model, self._tied)]
+        return [(n, t.clone()) for n, t in named] if rank == 0 else None
+
+    def load_snapshot(self, snapshot: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Push a ``snapshot`` (rank 0's worker thread; no collective)."""
+        dtype = snapshot[0][1].dtype if snapshot else torch.float32
+        return self._push(lambda: iter(snapshot), dtype, send=True)
 
     # ------------------------------------------------------------------------------------------------ sampling
     def check_lengths(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:

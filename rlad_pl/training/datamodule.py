@@ -65,6 +65,10 @@ class RolloutDataModule(L.LightningDataModule):
             always trimmed to their own longest prompt and response.
         prompt_format: how prompt text becomes token ids (chat template, system prompt, template kwargs, raw);
             the same settings encode the teacher's privileged prompt (``rlad_pl.data.prompts.PromptFormat``).
+        max_off_policy_steps: asynchronous rollouts (docs/async.md): each rollout batch is sampled from the student's
+            weights of exactly this many optimizer steps before its first update (fewer at the start of a run), on
+            the sampler's servers while the trainer trains; a batch that is not ready is waited for, never dropped.
+            0 (default): synchronous. Needs ``ServerSampler`` (or ``StaleSampler`` for studies).
     """
 
     def __init__(self, task: Task, sampler: Optional[Sampler] = None, reward: Optional[Reward] = None,
@@ -75,7 +79,8 @@ class RolloutDataModule(L.LightningDataModule):
                  correct_threshold: float = 1.0, val_batch_prompts: int = 64, log_samples: int = 4, seed: int = 0,
                  teacher_sampler: Optional[Sampler] = None, teacher_cache_dir: Optional[str] = None,
                  seed_per_prompt: bool = False,
-                 group_by_length: bool = False, prompt_format: Optional[PromptFormat] = None):
+                 group_by_length: bool = False, prompt_format: Optional[PromptFormat] = None,
+                 max_off_policy_steps: int = 0):
         super().__init__()
         check_int("data.val_prompts", val_prompts, hint=" (to skip validation set trainer.limit_val_batches: 0)")
         check_int("data.val_batch_prompts", val_batch_prompts)
@@ -94,7 +99,7 @@ class RolloutDataModule(L.LightningDataModule):
             scale_std_advantages=scale_std_advantages, max_prompt_length=max_prompt_length,
             correct_threshold=correct_threshold, log_samples=log_samples, seed=seed, seed_per_prompt=seed_per_prompt,
             group_by_length=group_by_length, prompt_format=prompt_format or PromptFormat(), val_k=val_k,
-            val_sampling=val_sampling)
+            val_sampling=val_sampling, max_off_policy_steps=max_off_policy_steps)
         self.pass_k = sorted(set(pass_k or [1, val_k]))
         if self.pass_k[-1] > val_k:
             raise ConfigError("data.pass_k", f"every k must be <= val_k={val_k}, got {self.pass_k}")
@@ -158,6 +163,15 @@ class RolloutDataModule(L.LightningDataModule):
     def build_steps(self) -> list[StepBatch]:
         t = self.trainer
         return self.pipeline.steps(t.current_epoch, t.global_rank, t.world_size, t.global_step)
+
+    def after_step(self, epoch: int, batch_idx: int, step: int) -> None:
+        """The trainer finished an optimizer step (``RolloutLink``): asynchronous rollouts due now start."""
+        self.pipeline.after_step(epoch, batch_idx, step)
+
+    def last_epoch(self, epoch: Optional[int]) -> None:
+        """The run's last epoch: no asynchronous rollout is sampled past it."""
+        if self.pipeline.asynchronous is not None:
+            self.pipeline.asynchronous.last_epoch = epoch
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         if isinstance(batch, StepBatch):

@@ -20,6 +20,15 @@ class RolloutLink(L.Callback):
         buckets = dm.buckets("test" if stage == "test" else "val")
         pl_module.configure_rollouts(dm.settings, dm.pass_k, buckets, teacher_keys=dm.task.teacher_keys())
         dm.connect(pl_module.policy())
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        dm.last_epoch(None if max_epochs is None else max_epochs - 1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """After each optimizer step: asynchronous rollouts due from the new weights start (the data module's
+        pipeline takes a snapshot of them)."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "after_step"):
+            dm.after_step(trainer.current_epoch, batch_idx, trainer.global_step)
 
 
 __all__ = ["RolloutLink"]

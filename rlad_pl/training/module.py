@@ -38,7 +38,7 @@ from rlad_pl.training.hooks import EvaluationHooks
 from rlad_pl.training.link import RolloutLink
 from rlad_pl.training.loss import student_outputs
 from rlad_pl.training.models import load_models, load_routes, routed_scorer, routed_teachers, shard_models
-from rlad_pl.training.module_checks import check_groups, check_optimizer, check_settings
+from rlad_pl.training.module_checks import check_optimizer, check_rollout_settings, check_settings
 from rlad_pl.training.state import STATE_KEY, drop_frozen_keys, load_training_state, training_state
 from rlad_pl.training.step_guard import StepGuard
 
@@ -146,7 +146,7 @@ class DistillationModule(EvaluationHooks, L.LightningModule):
         """The data side's settings, handed over once before ``setup`` (``RolloutLink``): group objectives are
         checked against the group size and sampling, ``model.temperature`` defaults to the sampling temperature,
         and the validation metric covers the task's difficulty buckets."""
-        check_groups(list(self.plan.group_users), settings.group_size, settings.sampling)
+        check_rollout_settings(self.plan, self.objectives, settings)
         if self._temperature_from_data and settings.sampling.temperature > 0:
             self.temperature = float(settings.sampling.temperature)
         if buckets is not None:

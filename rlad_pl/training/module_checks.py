@@ -58,6 +58,14 @@ def check_optimizer(optimizer, lr_scheduler) -> None:
             raise ConfigError("model.lr_scheduler.init_args", f"{type(e).__name__}: {e}") from None
 
 
+def check_rollout_settings(plan, objectives, settings) -> None:
+    """The data side's settings against the objectives: group sizes and sampling (``check_groups``), and each
+    objective's off-policy correction for a synchronous or asynchronous run (``resolve_off_policy``)."""
+    check_groups(list(plan.group_users), settings.group_size, settings.sampling)
+    for obj in objectives:
+        obj.resolve_off_policy(settings.max_off_policy_steps > 0)
+
+
 def check_groups(group_objs: list[str], group_size: int, sampling) -> None:
     """Objectives that normalize advantages within a group (``group_objs``) need ``data.group_size >= 2`` and
     non-greedy sampling (``check_group_sampling``)."""
