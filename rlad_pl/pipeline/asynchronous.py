@@ -31,14 +31,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
 from rlad_pl.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from rlad_pl.pipeline.pipeline import Rollout, RolloutPipeline
+Rollout = Any  # rlad_pl.pipeline.pipeline.Rollout (which imports this module)
+RolloutPipeline = Any
 
 
 @dataclass
