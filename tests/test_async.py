@@ -9,6 +9,7 @@ k; kill -9 mid-run, then ``--ckpt_path last`` resumes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -251,3 +252,137 @@ def test_a_stale_run_from_the_command_line_logs_its_staleness(tmp_path):
     drift = scalars(log, "grpo/off_policy_log_ratio_abs")
     assert drift[0] == 0.0 and drift[2] > 0.0  # fresh weights: no drift; two steps old: some
     assert len(scalars(log, "timing/wait_for_rollout")) == 4
+
+
+# ------------------------------------------------------------------------------------------------ served (slow)
+@pytest.fixture(scope="module")
+def server():
+    """One vLLM server on the tiny student for the module, with the gloo weight transfer."""
+    from test_server_sampler import ASSETS, RL_ARGS, free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    proc = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def _served_args(url: str, root, epochs: int, k: int, *extra: str) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "grpo_tiny_server.yaml"), "--data.sampler.init_args.urls", f"[{url}]",
+            "--data.max_off_policy_steps", str(k), "--trainer.max_epochs", str(epochs),
+            "--trainer.check_val_every_n_epoch", str(epochs), "--trainer.default_root_dir", str(root), *extra]
+
+
+needs_vllm = pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vllm is not installed")
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_served_asynchronous_run_overlaps_and_makes_the_stale_samplers_batches(server, tmp_path):
+    """k = 2 through a real server: generation of the next batches runs while the trainer trains (``timing/overlap``
+    > 0), staleness 0, 1, 2, 2, ...; validation in between takes the current weights and the next batch its own
+    snapshot again. The same config with ``StaleSampler`` around the in-process vLLM engine makes the same batches
+    (same rewards, tokens and losses): what the staleness study relies on."""
+    epochs, k = 6, 2
+    served = run_cli(*_served_args(server, tmp_path / "served", epochs, k, "--trainer.check_val_every_n_epoch", "3",
+                                   "--trainer.enable_checkpointing", "false", "--export.enabled", "false"))
+    log = __import__("pathlib").Path(served.trainer.log_dir)
+    assert scalars(log, "off_policy/staleness_mean") == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert max(scalars(log, "timing/overlap")) > 0.0
+    assert len(scalars(log, "val/all/mean@4")) == 2
+    stale = run_cli("fit", "--config", str(CONFIGS / "grpo_tiny_vllm.yaml"), "--data.max_off_policy_steps", str(k),
+                    "--data.sampler", json.dumps({"class_path": "rlad_pl.rollout.stale.StaleSampler", "init_args": {
+                        "sampler": {"class_path": "rlad_pl.rollout.vllm.VLLMSampler", "init_args": {
+                            "dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+                            "engine_kwargs": {"kv_cache_memory_bytes": 64 << 20}}}}}),
+                    "--data.micro_batch_size", "32",
+                    "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", "3",
+                    "--trainer.default_root_dir", str(tmp_path / "stale"), "--trainer.enable_checkpointing", "false",
+                    "--export.enabled", "false")
+    other = __import__("pathlib").Path(stale.trainer.log_dir)
+    for tag in ("rollout/reward_mean", "train/tokens", "train/loss", "off_policy/staleness_mean"):
+        torch.testing.assert_close(torch.tensor(scalars(other, tag)), torch.tensor(scalars(log, tag)), rtol=1e-4,
+                                   atol=1e-6, msg=tag)
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_kill_9_mid_run_then_ckpt_path_last_resumes(server, tmp_path):
+    """SIGKILL the trainer of an asynchronous run (k = 2) once it has a ``last.ckpt`` (possibly during a push, which
+    would leave the server paused): ``--ckpt_path last`` finishes the run. The in-flight batches are regenerated from
+    the restored weights: staleness restarts at 0 and is back to k two batches later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    epochs, k = 8, 2
+    root = tmp_path / "run"
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "rlad_pl", *_served_args(server, root, epochs, k, "--export.enabled", "false",
+                                                          "--trainer.check_val_every_n_epoch", "100")]
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while run.poll() is None and time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] >= 3:
+            break
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait(60)
+    done = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 3 <= done < epochs
+    resumed = subprocess.run(cmd + ["--ckpt_path", "last"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = root / "lightning_logs" / "version_1"
+    final = log / "checkpoints" / "last.ckpt"
+    assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == epochs
+    left = epochs - done
+    assert scalars(log, "off_policy/staleness_mean") == [float(min(i, k)) for i in range(left)]
+    assert json.loads(urllib.request.urlopen(server + "/is_paused", timeout=10).read())["is_paused"] is False
+    assert Path(final).stat().st_size > 0
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_server_lost_mid_asynchronous_run_stops_in_one_line(tmp_path):
+    """As in a synchronous run: the worker's retries fail, the error reaches the trainer when it takes the batch,
+    the run stops with one line naming the server and ``last.ckpt`` is complete."""
+    import subprocess
+    import sys
+    import time
+
+    from test_server_sampler import ASSETS, RL_ARGS, free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path / "run"
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "rlad_pl", *_served_args(url, root, 8, 1, "--export.enabled", "false",
+                                                          "--trainer.check_val_every_n_epoch", "100",
+                                                          "--data.sampler.init_args.retries", "1")]
+    proc = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
+    try:
+        wait_ready(url, proc)
+        run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ckpt.exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        stop_server(proc)
+        _, err = run.communicate(timeout=300)
+    finally:
+        stop_server(proc)
+    lines = err.strip().splitlines()
+    assert run.returncode == 2, err[-3000:]
+    assert lines[-1].startswith(f"rlad_pl: error: data.sampler.init_args.urls: the rollout server at {url} did "
+                                "not answer"), lines[-3:]
+    done = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 1 <= done < 8
