@@ -386,3 +386,34 @@ def test_a_server_lost_mid_asynchronous_run_stops_in_one_line(tmp_path):
                                 "not answer"), lines[-3:]
     done = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 1 <= done < 8
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_train_asynchronously_like_one(server, tmp_path):
+    """k = 1 on a trainer of 2 processes (``torchrun --nnodes 2`` on 127.0.0.1, FSDP2 over gloo): rank 0's worker
+    makes both ranks' rollouts and scatters them; the losses match the 1-process asynchronous run."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_server_sampler import _server_config, _two_nodes
+
+    epochs = 4
+    extra = ("--data.max_off_policy_steps", "1")
+    one_cfg = _server_config(tmp_path / "one.yaml", server, 4, epochs)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "rlad_pl", "fit", "--config", str(one_cfg), *extra], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-6000:]
+    two_cfg = _server_config(tmp_path / "two.yaml", server, 2, epochs)
+    _two_nodes(two_cfg, *extra)
+    one, two = (cfg.parent / (cfg.stem + "_runs") / "lightning_logs" / "version_0" for cfg in (one_cfg, two_cfg))
+    assert scalars(two, "off_policy/staleness_mean") == [0.0, 1.0, 1.0, 1.0]
+    for tag in ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean"):
+        a, b = scalars(one, tag), scalars(two, tag)
+        assert len(a) == len(b) == epochs, tag
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-6, msg=tag)
