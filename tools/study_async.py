@@ -159,9 +159,14 @@ def finished(args, cell: tuple[str, int, str, int]) -> bool:
 
 
 def git_commit(paths: list[Path], message: str) -> None:
-    """Add and commit only ``paths`` (other people's staged work stays staged); a failure is printed, not fatal."""
-    rel = [str(p.relative_to(REPO)) for p in paths]
-    for cmd in (["git", "add", "--", *rel], ["git", "commit", "-q", "-m", message, "--", *rel]):
+    """Add and commit only ``paths`` (other people's staged work stays staged; ``-f``: the repository ignores every
+    ``runs/`` folder); a failure is printed, not fatal."""
+    tracked = lambda r: subprocess.run(["git", "ls-files", "--error-unmatch", "--", r], cwd=REPO,  # noqa: E731
+                                       capture_output=True).returncode == 0
+    rel = [str(p.relative_to(REPO)) for p in dict.fromkeys(paths) if p.exists() or tracked(str(p.relative_to(REPO)))]
+    if not rel:
+        return
+    for cmd in (["git", "add", "-f", "--", *rel], ["git", "commit", "-q", "-m", message, "--", *rel]):
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if r.returncode:
             print(f"[study_async] {' '.join(cmd[:2])} failed: {(r.stderr or r.stdout).strip()[-300:]}", flush=True)
@@ -174,7 +179,7 @@ def run_grid(args) -> None:
     print(f"[study_async] {len(todo)} runs to go", flush=True)
     (args.summaries / "failed").mkdir(parents=True, exist_ok=True)
     pending: list[Path] = []
-    done = failed = 0
+    done = failed = in_a_row = 0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, c, args): c for c in todo}
@@ -188,12 +193,14 @@ def run_grid(args) -> None:
                 res = {"name": name, "failed": True, "returncode": None, "tail": [repr(e)]}
             if res.get("failed"):
                 failed += 1
+                in_a_row += 1
                 fail_path.write_text(json.dumps(res, indent=1) + "\n")
                 pending.append(fail_path)
                 print(f"[study_async] FAILED {name} (exit {res['returncode']}): {' | '.join(res['tail'][-3:])}",
                       flush=True)
             else:
                 done += 1
+                in_a_row = 0
                 path = args.summaries / f"{name}.json"
                 path.write_text(json.dumps(res, indent=1) + "\n")
                 pending.append(path)
@@ -202,6 +209,11 @@ def run_grid(args) -> None:
                     pending.append(fail_path)
                 print(f"[study_async] done {name}: Δ {100 * res['delta']:+.1f} points, {res['wall_seconds']:.0f} s "
                       f"({done + failed}/{len(todo)}, {time.perf_counter() - t0:.0f} s)", flush=True)
+            if in_a_row >= args.stop_after_failures:
+                print(f"[study_async] {in_a_row} runs failed in a row: stopping the grid", flush=True)
+                for other in futures:
+                    other.cancel()
+                break
             if args.commit_every and len(pending) >= args.commit_every:
                 git_commit(pending, f"docs/study/async: {len(pending)} more staleness-study runs (issue 23)")
                 pending = []
@@ -431,6 +443,7 @@ def main() -> None:
     ap.add_argument("--logs", type=Path, default=REPO / "runs" / "study" / "async",
                     help="the runs' TensorBoard folders (not committed)")
     ap.add_argument("--commit-every", type=int, default=0, help="commit new summaries every N finished runs")
+    ap.add_argument("--stop-after-failures", type=int, default=4, help="stop the grid after N failures in a row")
     ap.add_argument("--plan", action="store_true", help="print the runs still to do, in order, and stop")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
