@@ -417,3 +417,40 @@ def test_two_processes_train_asynchronously_like_one(server, tmp_path):
         a, b = scalars(one, tag), scalars(two, tag)
         assert len(a) == len(b) == epochs, tag
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-6, msg=tag)
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_lora_student_pushes_its_merged_weights_into_the_server(server):
+    """A LoRA student (PEFT, ``all-linear``) served from its base: each push sends the merged weights under the
+    base's names, and after every SFT step on the adapters the server answers greedily like the trainer."""
+    from rlad_pl.models.loading import load_causal_lm, load_tokenizer
+    from rlad_pl.models.lora import apply_lora
+    from rlad_pl.rollout.hf import HFSampler
+    from rlad_pl.rollout.sampler import SamplingParams
+    from rlad_pl.rollout.server import ServerSampler
+    from test_server_sampler import _sft_step
+
+    tok = load_tokenizer("assets/tiny-student")
+    student = load_causal_lm("assets/tiny-student", "model.student")
+    apply_lora(student, {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+    sampler, hf = ServerSampler(urls=[server]), HFSampler()
+    sampler.setup(student, tok)  # the served base's names and shapes match the merged weights
+    hf.setup(student, tok)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("abc", "hello wor", "aaa b")]
+    target = tok("cab bad", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-2)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    answers = []
+    try:
+        for step in range(3):
+            if step:
+                _sft_step(student, opt, prompts, target)
+            sampler.sync_weights(student)
+            served = sampler.generate(prompts, greedy).completion_ids
+            assert served == hf.generate(prompts, greedy).completion_ids, step
+            answers.append(served)
+        assert answers[-1] != answers[0]  # the adapters changed what the server answers
+    finally:
+        sampler.close()

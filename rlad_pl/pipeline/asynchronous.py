@@ -94,12 +94,12 @@ class AsyncRollouts:
     def make_due(self, position: int, step: int) -> None:
         """Every batch whose sampling slot ``e U - k`` is at or before ``position`` becomes due, sampled from the
         weights as they are now (version ``step``); one snapshot serves all of them."""
-        snap = None
+        snap, taken = None, False
         while (self.next_epoch is not None and self.first_slot(self.next_epoch) - self.k <= position
                and (self.last_epoch is None or self.next_epoch <= self.last_epoch)):
-            if snap is None:
+            if not taken:  # (a snapshot is None on ranks that do not send: they only take part in the gathers)
                 self.pipeline.sync(step, setup_only=True)
-                snap = self.sampler.snapshot(self.pipeline.policy.student)
+                snap, taken = self.sampler.snapshot(self.pipeline.policy.student), True
             epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
             due = _Due(snap, step)
             rank, world = _dist()
