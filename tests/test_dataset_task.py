@@ -383,3 +383,17 @@ def test_hub_id_offline_from_the_cache_and_missing(tmp_path):
     assert lines[1] == ("error data.task.path: 'someorg/not-cached' is not a local file or folder and not in the "
                         "datasets cache, and offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): load it "
                         "once online or point path at local files")
+
+
+def test_math_answers_are_checked_the_same_in_a_worker_thread():
+    """Asynchronous rollouts score in a worker thread, where math-verify's signal-based timeout cannot be set: the
+    verifier must still tell right from wrong there (it used to score everything 0)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlad_pl.data.verifiers import math_equal
+
+    cases = [("3/4", "0.75", True), ("9", "9", True), ("1,000", "1000", True), ("7", "8", False)]
+    main = [math_equal(a, b) for a, b, _ in cases]
+    with ThreadPoolExecutor(1) as pool:
+        threaded = list(pool.map(lambda c: math_equal(c[0], c[1]), cases))
+    assert main == threaded == [want for _, _, want in cases]

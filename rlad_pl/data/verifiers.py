@@ -45,12 +45,20 @@ def final_answer(text: str, answer_pattern: Optional[str] = None) -> str:
     return text
 
 
+def _timeout(seconds: int):
+    """math-verify's timeouts use ``signal.alarm``, which only the main thread may set: elsewhere (asynchronous
+    rollouts score in a worker thread) it raises, which would score every answer 0. Off the main thread: none."""
+    import threading
+
+    return seconds if threading.current_thread() is threading.main_thread() else None
+
+
 def _parse(text: str, reference: bool = False):
     from math_verify import parse
 
     if reference and "$" not in text and "\\" not in text:
         text = f"${text}$"  # a bare reference like "3/4" or "x^2+1" parses best as inline LaTeX
-    return parse(text)
+    return parse(text, parsing_timeout=_timeout(5))
 
 
 def math_equal(completion_answer: str, reference_answer: str) -> bool:
@@ -60,7 +68,8 @@ def math_equal(completion_answer: str, reference_answer: str) -> bool:
     if not completion_answer.strip() or not reference_answer.strip():
         return False
     try:
-        return bool(verify(_parse(reference_answer, reference=True), _parse(completion_answer)))
+        return bool(verify(_parse(reference_answer, reference=True), _parse(completion_answer),
+                           timeout_seconds=_timeout(5)))
     except Exception:  # math-verify raises on pathological inputs: an unparseable answer is wrong
         return False
 
