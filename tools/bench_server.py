@@ -24,7 +24,8 @@ one OpenMP thread to core 0 (``VLLM_CPU_OMP_THREADS_BIND=0``), the trainer pins 
 the in-process engine computes on that same one core. The model's compute has one core in both phases; the server's
 HTTP front end and scheduler processes are not pinned. ``--threads 2`` gives both the server and the trainer both
 cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``, no pinning): the sides then compete while a push runs. Timings on a shared
-machine are noisy: the load average before and after is printed with them.
+machine are noisy: the load average before and after is printed with them (the run itself keeps ~2 cores busy, so
+"after" reads about 2 on a quiet 2-core machine), and a note when the machine was busy before the run.
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
     where = f"server worker on core 0, trainer on core {cpus[-1]}" if pinned else "no pinning"
     print(f"\nmodel {path}: {n_params / 1e6:.1f}M params fp32; {os.cpu_count()} CPUs; {where}, "
           f"{args.threads} thread(s) each; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    if load_before[0] > 0.5:
+        print(f"  note: the load average was {load_before[0]:.2f} before the run: other processes were running, the "
+              "timings are noisy")
     for name, r in res.items():
         if (r["threads"], r["cores"]) != (args.threads, 1 if pinned else len(cpus)):
             print(f"  note: the {name} phase ran with {r['threads']} torch thread(s) on {r['cores']} core(s)")
