@@ -100,7 +100,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     load = os.getloadavg()[0]
     server = start_server(model, port, 0, work / "server.log")
-    runs = {}
+    runs, loads = {}, {}
     try:
         wait_ready(url, server)
         os.sched_setaffinity(0, {1})  # the trainers inherit core 1
@@ -113,6 +113,7 @@ def main() -> None:
                          "trainer.limit_val_batches": 0, "trainer.enable_checkpointing": "false",
                          "export.enabled": "false"}
             t0 = time.time()
+            loads[k] = os.getloadavg()[0]
             runs[k] = run_fit(REPO / "configs" / "smollm2_grpo_cpu.yaml", overrides, work / f"k{k}",
                               env={"OMP_NUM_THREADS": "1"})
             print(f"k={k}: {time.time() - t0:.0f} s", flush=True)
@@ -123,8 +124,8 @@ def main() -> None:
           f"tokens per batch, {args.epochs} batches; server on core 0, trainer on core 1; load average "
           f"{load:.2f} before, {os.getloadavg()[0]:.2f} after\n")
     base = None
-    print("| k | s/step | vs k=0 | generate s | update s | waited s | overlap s | staleness |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| k | s/step | vs k=0 | generate s | update s | waited s | overlap s | staleness | load at start |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, run in runs.items():
         skip = k + 1
         s = step_seconds(run, skip)
@@ -134,7 +135,7 @@ def main() -> None:
               f"{mean_after(run, 'timing/train_step', skip):.2f} | "
               f"{mean_after(run, 'timing/wait_for_rollout', skip):.2f} | "
               f"{mean_after(run, 'timing/overlap', skip):.2f} | "
-              f"{mean_after(run, 'off_policy/staleness_mean', skip):.1f} |")
+              f"{mean_after(run, 'off_policy/staleness_mean', skip):.1f} | {loads[k]:.2f} |")
     print("\nreward per rollout batch:")
     for k, run in runs.items():
         rewards = values(run.scalars, "rollout/reward_mean")
