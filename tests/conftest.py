@@ -101,3 +101,19 @@ def tiny_dir(tmp_path):
     from rlad_pl.testing.builders import save_tiny_model
 
     return save_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One vLLM OpenAI server on the tiny student for the module, with the gloo weight transfer and log-probs after
+    temperature (``tests/test_server_sampler.py`` starts it; ~25 s)."""
+    from test_server_sampler import ASSETS, RL_ARGS, free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    proc = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        stop_server(proc)

@@ -255,21 +255,6 @@ def test_a_stale_run_from_the_command_line_logs_its_staleness(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ served (slow)
-@pytest.fixture(scope="module")
-def server():
-    """One vLLM server on the tiny student for the module, with the gloo weight transfer."""
-    from test_server_sampler import ASSETS, RL_ARGS, free_port, start_server, stop_server, wait_ready
-
-    port = free_port()
-    proc = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop_server(proc)
-
-
 def _served_args(url: str, root, epochs: int, k: int, *extra: str) -> list[str]:
     return ["fit", "--config", str(CONFIGS / "grpo_tiny_server.yaml"), "--data.sampler.init_args.urls", f"[{url}]",
             "--data.max_off_policy_steps", str(k), "--trainer.max_epochs", str(epochs),

@@ -65,19 +65,6 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server():
-    """One server on the tiny student for the module (~25 s to start)."""
-    port = free_port()
-    proc = start_server(ASSETS / "tiny-student", port, *RL_ARGS)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop_server(proc)
-
-
 # ---------------------------------------------------------------------------------------------- fast: no server
 
 
