@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,50 +17,10 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, scalars
+from rlad_pl.testing.servers import RL_ARGS, free_port, start_server, stop_server, wait_ready  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parents[1] / "rlad_pl" / "assets"
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path | str, port: int, *extra: str, log: Path | None = None) -> subprocess.Popen:
-    """vLLM's OpenAI server with the RL endpoints, the gloo weight transfer and log-probs after temperature."""
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", "float32",
-           "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-           "--kv-cache-memory-bytes", str(64 << 20), "--no-enable-chunked-prefill", *extra]
-    out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-RL_ARGS = ("--weight-transfer-config", '{"backend": "gloo"}', "--logprobs-mode", "processed_logprobs")
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            return
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the vLLM server did not start (exit code {proc.poll()})")
-            time.sleep(1)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------- fast: no server
@@ -385,7 +343,6 @@ def test_two_nodes_train_from_one_server_like_one_process_and_resume(server, tmp
     two_cfg = _server_config(tmp_path / "two.yaml", server, 2, epochs)
     _two_nodes(two_cfg)
     import json
-    import urllib.request
     assert json.loads(urllib.request.urlopen(server + "/is_paused", timeout=10).read())["is_paused"] is False
     one, two = (cfg.parent / (cfg.stem + "_runs") / "lightning_logs" / "version_0" for cfg in (one_cfg, two_cfg))
     for tag in ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean", "sync/weight_sync_bytes"):

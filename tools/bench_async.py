@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,38 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from rlad_pl.testing.real_model import default_dir, is_complete  # noqa: E402
 from rlad_pl.testing.runs import run_fit, values  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int, core: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
-           "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-           "--kv-cache-memory-bytes", str(512 << 20), "--no-enable-chunked-prefill",
-           "--weight-transfer-config", '{"backend": "gloo"}', "--logprobs-mode", "processed_logprobs",
-           "--generation-config", "vllm"]
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            return
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"bench_async: the vLLM server did not start (exit code {proc.poll()})") from None
-            time.sleep(1)
+from rlad_pl.testing.servers import RL_ARGS, free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 
 def step_seconds(run, skip: int) -> float:
@@ -99,10 +66,13 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     load = os.getloadavg()[0]
-    server = start_server(model, port, 0, work / "server.log")
+    server = start_server(model, port, *RL_ARGS, "--generation-config", "vllm", log=work / "server.log",
+                          max_model_len=512, kv_cache_bytes=512 << 20, cores={0},
+                          env={"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "0",
+                               "TOKENIZERS_PARALLELISM": "false"})
     runs, loads = {}, {}
     try:
-        wait_ready(url, server)
+        wait_ready(url, server, timeout=600)
         os.sched_setaffinity(0, {1})  # the trainers inherit core 1
         for k in args.ks:
             overrides = {"model.student": str(model), "data.sampler": "rlad_pl.rollout.server.ServerSampler",
@@ -118,8 +88,7 @@ def main() -> None:
                               env={"OMP_NUM_THREADS": "1"})
             print(f"k={k}: {time.time() - t0:.0f} s", flush=True)
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(60)
+        stop_server(server)
     print(f"\nSmolLM2-135M-Instruct, GRPO, {args.prompts} prompts x {args.group} samples x {args.new_tokens} new "
           f"tokens per batch, {args.epochs} batches; server on core 0, trainer on core 1; load average "
           f"{load:.2f} before, {os.getloadavg()[0]:.2f} after\n")

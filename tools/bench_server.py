@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,16 +48,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from rlad_pl.testing.servers import free_port, stop_server  # noqa: E402
+
 QUESTIONS = ["Write a short story about a dragon who learns to paint.", "Explain how a bicycle works.",
              "Describe your ideal weekend in detail.", "List some facts about the ocean.",
              "Give advice to a new student.", "Explain why the sky is blue.", "Describe a busy market.",
              "Tell me about the history of bread."]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_server(folder: str, port: int, max_len: int, args, log: Path) -> subprocess.Popen:
@@ -72,16 +66,6 @@ def _start_server(folder: str, port: int, max_len: int, args, log: Path) -> subp
            "--enforce-eager", "--no-enable-chunked-prefill", "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20),
            "--max-num-seqs", str(max(8, args.prompts * args.group))]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _ignore_eos(sampler) -> None:
@@ -175,7 +159,7 @@ def main(argv=None) -> int:
     res, start = {}, {}
 
     # ---------------------------------------------------------------- phase 1: a server on localhost
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="bench_server_")) / "server.log"
     t0 = time.perf_counter()
@@ -201,7 +185,7 @@ def main(argv=None) -> int:
         res["served"] = _phase(sampler, student, tok, prompts, params, args)
     finally:
         sampler.close()
-        _stop_server(proc)
+        stop_server(proc)
     gc.collect()
 
     # ---------------------------------------------------------------- phase 2: the in-process engine
