@@ -8,11 +8,12 @@ from the trainer (``python -m rlad_pl serve``, or vLLM's own command on other no
    it serves the student's architecture (the served folder's parameter names and shapes against the student's, the
    first difference named, when the trainer can read that folder), it reports log-probs after temperature
    (``--logprobs-mode processed_logprobs``), and its weight-transfer engine opens (``--weight-transfer-config``; the
-   gloo backend on CPU, ``rlad_pl.rollout.gloo_transfer``).
+   gloo backend on every device, ``rlad_pl.rollout.gloo_transfer``).
 2. ``sync_weights(model)``: rank 0 pushes the current weights into every server through vLLM's RL endpoints (pause ->
    start_weight_update -> one ``/update_weights`` per bucket while the bucket is broadcast -> finish -> prefix-cache
    reset -> resume: ``rlad_pl.rollout.server_client``). FSDP2 parameters are gathered a bucket at a time on every rank
-   in the same order, only rank 0 sends; then all ranks wait for the push (a barrier), so nobody samples old weights.
+   in the same order, only rank 0 sends; then every rank waits for the push (a broadcast of its statistics),
+   so nobody samples old weights.
    Tied embeddings are sent once, a LoRA student sends its merged weights.
 3. ``generate``: one request per prompt (``n`` samples, its own seed, prompt as token ids), spread round-robin over the
    servers and sent concurrently; each returns the completion ids, whether it ended with eos, and the sampled tokens'
@@ -164,7 +165,7 @@ class ServerSampler(Sampler):
             status = f"HTTP {cause.status}" if isinstance(cause, ServerError) else type(cause).__name__
             raise ConfigError(f"{FIELD}.urls", f"the rollout server at {client.url} cannot receive weights "
                               f"({status} on /init_weight_transfer_engine); start it with "
-                              "--weight-transfer-config '{\"backend\": \"gloo\"}' (\"nccl\" on GPUs) and "
+                              "--weight-transfer-config '{\"backend\": \"gloo\"}' (on every device) and "
                               "VLLM_SERVER_DEV_MODE=1, as python -m rlad_pl serve does") from None
 
     def _check_logprobs_mode(self, client) -> None:
