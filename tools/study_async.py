@@ -248,8 +248,9 @@ def degradation(res, method: str, k: int, variant: str) -> list[float]:
 
 
 def one_sample_p(xs: list[float]) -> float:
-    """Two-sided p of a one-sample t-test of mean 0 (nan with fewer than 2 values or no spread)."""
-    if len(xs) < 2:
+    """Two-sided p of a one-sample t-test of mean 0 (nan with fewer than 2 values or no spread: Mean@8 moves in steps
+    of 1/2048, so equal values across seeds happen, and a t-test on them says nothing)."""
+    if len(xs) < 2 or max(xs) - min(xs) < 1e-9:
         return float("nan")
     from scipy.stats import ttest_1samp
 
@@ -327,7 +328,8 @@ def report(res, args) -> str:
               "Per seed `Δ(k, s) - Δ(0, s)` (points; the seed fixes prompts, sampling seeds and the step-0 "
               "validation, so a pair differs only in staleness), mean ± sd and the p of a one-sample t-test "
               "against 0; \"slope\": least-squares slope of Δ on k over all seeds of k = 0 and that variant's k > 0 "
-              "cells (points per step of staleness ± its standard error, p of slope = 0).", "",
+              "cells (points per step of staleness ± its standard error, p of slope = 0). "
+              "p \"-\": the seeds' values are equal (no test).", "",
               "| method | variant | " + " | ".join(f"k = {k}: Δ - Δ(0) | p" for k in kpos) + " | slope | p |",
               "|---|---|" + "---|---|" * len(kpos) + "---|---|"]
     for m in methods:
