@@ -217,3 +217,10 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True, bucket_bytes: int
         if keep:
             out.update(bucket)
     return out
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` outside ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.distributed import rank_world
 
 Rollout = Any  # rlad_pl.pipeline.pipeline.Rollout (which imports this module)
 RolloutPipeline = Any
@@ -48,12 +49,6 @@ class _Due:
     snapshot: Any
     version: int
     future: Optional[Future] = None  # overlapping samplers: rank 0's worker making every rank's rollout
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class AsyncRollouts:
@@ -102,7 +97,7 @@ class AsyncRollouts:
                 snap, taken = self.sampler.snapshot(self.pipeline.policy.student), True
             epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
             due = _Due(snap, step)
-            rank, world = _dist()
+            rank, world = rank_world()
             if self.sampler.overlaps and rank == 0:
                 if self._worker is None:
                     self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlad_pl-rollouts")
@@ -149,7 +144,7 @@ class AsyncRollouts:
         if epoch not in self.due:
             raise RuntimeError(f"rollout batch {epoch} was never scheduled (next: {self.next_epoch})")
         due = self.due.pop(epoch)
-        rank, world = _dist()
+        rank, world = rank_world()
         t0 = time.perf_counter()
         job = 0.0
         if not self.sampler.overlaps:  # StaleSampler: inline, from the snapshot

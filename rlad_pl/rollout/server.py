@@ -37,6 +37,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from rlad_pl.core.errors import ConfigError
+from rlad_pl.models.distributed import rank_world
 from rlad_pl.rollout.sampler import Generation, Sampler, SamplingParams
 
 FIELD = "data.sampler.init_args"
@@ -50,12 +51,6 @@ def _mix_seed(seed: int) -> int:
     from rlad_pl.rollout.vllm import _mix_seed as mix
 
     return mix(seed)
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class ServerSampler(Sampler):
@@ -131,7 +126,7 @@ class ServerSampler(Sampler):
         self._tied = bool(getattr(cfg, "tie_word_embeddings", False))
         rows = model.get_output_embeddings().weight.shape[0]
         self._allowed = list(range(len(tokenizer))) if rows > len(tokenizer) else None
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         self.clients = [VLLMServerClient(u, api_key=key, timeout=self.timeout) for u in self.urls]
         lengths = []
         for client in self.clients:
@@ -228,7 +223,7 @@ class ServerSampler(Sampler):
     def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:
         from rlad_pl.rollout.server_client import model_weights
 
-        rank, world = _rank_world()
+        rank, world = rank_world()
         dtype = next(model.parameters()).dtype
         out = self._push(lambda: model_weights(model, self._tied), dtype, send=rank == 0)
         if world > 1:  # no rank samples before rank 0's push is complete; every rank logs what was pushed
@@ -244,7 +239,7 @@ class ServerSampler(Sampler):
         from rlad_pl.rollout.gloo_transfer import materialize
         from rlad_pl.rollout.server_client import model_weights
 
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         dtype = next(model.parameters()).dtype
         named = [(n, materialize(t, dtype)) for n, t in model_weights(model, self._tied)]
         return [(n, t.clone()) for n, t in named] if rank == 0 else None
