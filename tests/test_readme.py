@@ -67,7 +67,7 @@ SHORT = ["--trainer.max_epochs", "1", "--data.prompts_per_rollout", "2", "--data
 #: commands checked with --print_config only: a GPU, the real model (tools/build_real_model.py builds it once;
 #: tests/test_real_model.py trains it), or a running rollout server (tests/test_server_sampler.py fits through one)
 CHECK_ONLY = re.compile(r"accelerator gpu|devices [2-9]|ModelParallelStrategy|gpu_qwen3|own_model_trrd|smollm2|"
-                        r"server_demo")
+                        r"server_demo|_server\.yaml")
 LAYERED_ON = re.compile(r"^#\s*layered on\s+(configs/[\w.-]+\.yaml)")
 EXCERPT_OF = re.compile(r"^#\s*(configs/[\w.-]+\.yaml)\s+\(excerpt\)")
 
