@@ -12,7 +12,8 @@
 * YAML blocks: each parses. A block whose first line is ``# configs/X.yaml (excerpt)`` must agree with that file
   (every key it shows, with the same value). Any other block is a fragment, layered on the config its first comment
   line names (``# layered on configs/X.yaml``) or, failing that, on the base that ``FRAGMENT_BASES`` gives, and
-  trained one rollout batch (a Python block of the same page section is written next to it as the module it names).
+  trained one rollout batch, or checked with ``--print_config`` when that config needs a GPU or a server (a Python
+  block of the same page section is written next to it as the module it names).
 * Anything else (``pip``, ``tensorboard``, ``docker``...) must be listed in ``NOT_RUN`` with a reason, so a new kind of
   command cannot slip in untested.
 
@@ -281,5 +282,10 @@ def test_readme_yaml_block(page, lineno, section, text, tmp_path, monkeypatch):
             (tmp_path / f"{m.group(1)}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(REPO)
+    if CHECK_ONLY.search(base):  # a GPU or a running server: the layered config parses
+        with pytest.raises(SystemExit) as exc:
+            run_cli("fit", "--config", base, "--config", str(frag), "--print_config")
+        assert exc.value.code in (0, None)
+        return
     run_cli("fit", "--config", base, "--config", str(frag), *SHORT, "--trainer.default_root_dir",
             str(tmp_path / "runs"), "--export.dirpath", str(tmp_path / "export"))

@@ -86,7 +86,8 @@ def test_demo_command_cpu():
 
 
 def test_gpu_command():
-    """gloo on GPU too (ServerSampler's only transport); --backend nccl is still built on request."""
+    """gloo on GPU too (ServerSampler's default transport); nccl on request or from the config's sampler; nccl on a
+    CPU server is one line."""
     argv, env = command_for_config(TINY, {"model.dtype": "bfloat16"}, device="cuda", host="0.0.0.0", port=8011)
     o = opts(argv)
     assert json.loads(o["--weight-transfer-config"]) == {"backend": "gloo"}
@@ -98,6 +99,12 @@ def test_gpu_command():
     assert json.loads(o["--weight-transfer-config"]) == {"backend": "nccl"}
     assert json.loads(opts(server_command("org/m", max_model_len=64, device="cuda")[0])["--weight-transfer-config"]) \
         == {"backend": "gloo"}
+    nccl_sampler = {"data.sampler": {"class_path": "rlad_pl.rollout.server.ServerSampler",
+                                     "init_args": {"urls": ["http://127.0.0.1:8000"], "backend": "nccl"}}}
+    o = opts(command_for_config(TINY, nccl_sampler, device="cuda")[0])
+    assert json.loads(o["--weight-transfer-config"]) == {"backend": "nccl"}
+    with pytest.raises(ConfigError, match=r"^backend: nccl needs GPU servers"):
+        command_for_config(TINY, nccl_sampler, device="cpu")
 
 
 @pytest.mark.parametrize("args", [("--backend", "nccl"), ("--", "--weight-transfer-config", '{"backend": "nccl"}'),
@@ -107,8 +114,8 @@ def test_another_backend_is_built_with_a_one_line_warning(args):
     assert out.returncode == 0, out.stderr
     assert """'{"backend": "nccl"}'""" in out.stdout or """'--weight-transfer-config={"backend": "nccl"}'""" \
         in out.stdout, out.stdout
-    assert out.stderr == ("rlad_pl: warning: --backend: nccl: rlad_pl's ServerSampler pushes weights over gloo only "
-                          "(rlad_pl.rollout.gloo_transfer); `fit` cannot push into a nccl server\n")
+    assert out.stderr == ("rlad_pl: warning: --backend: nccl: this config's ServerSampler pushes weights over gloo "
+                          "(data.sampler.init_args.backend); `fit` cannot push into a nccl server\n")
     out = serve("--config", "configs/server_demo.yaml", "--print-only", "--device", "cuda", "--backend", "rlad_gloo")
     assert out.returncode == 0 and out.stderr == "", out.stderr
 

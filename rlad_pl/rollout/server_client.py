@@ -1,6 +1,7 @@
 """Trainer-side client of a vLLM OpenAI-compatible server with the RL API (``VLLM_SERVER_DEV_MODE=1``): health,
 pause / resume, weight pushes over the gloo weight-transfer backend (``rlad_pl.rollout.gloo_transfer``), and
-token-id completions with the sampled tokens' log-probs.
+token-id completions with the sampled tokens' log-probs. ``backend="nccl"`` pushes over NCCL instead, through vLLM's
+own trainer engine (``rlad_pl.rollout.nccl_transfer``); the pause / prefix-cache reset / resume around it are the same.
 
 Standard library HTTP only (``urllib``). The object implements vLLM's ``VLLMWeightSyncClient`` protocol
 (``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``), so it can
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,13 +73,17 @@ def model_weights(model: torch.nn.Module, tied: bool | None = None) -> Iterable[
 
 class VLLMServerClient:
     """One vLLM server. ``url`` like ``http://127.0.0.1:8000``; ``api_key`` is sent as a bearer token when set;
-    ``timeout`` bounds every HTTP call (a weight push's ``/update_weights`` waits for the bucket's transfer)."""
+    ``timeout`` bounds every HTTP call (a weight push's ``/update_weights`` waits for the bucket's transfer);
+    ``backend``: the weight transfer, ``gloo`` (any device) or ``nccl`` (a GPU trainer and GPU servers)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 backend: str = "gloo") -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
-        self.sender: GlooWeightSender | None = None
+        self.backend = backend
+        self.sender: Any = None  # GlooWeightSender or rlad_pl.rollout.nccl_transfer.NCCLWeightSender
+        self._pending_version: str | None = None  # what vLLM's NCCL engine's finish_weight_update() reports
         self._model: str | None = None
         self._has_reset_prefix_cache: bool | None = None
 
@@ -186,18 +191,30 @@ class VLLMServerClient:
         self._post("/update_weights", {"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
+        weight_version = self._pending_version if weight_version is None else weight_version
         self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
 
     # ------------------------------------------------------------------------------------------------ weight push
 
     def init_transfer(self, *, master_address: str = "127.0.0.1", master_port: int = 0,
                       num_workers: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        """Open the gloo group with the server's workers (the server must run with ``--weight-transfer-config
-        '{"backend": "gloo"}'``). ``master_address``: this machine as the server reaches it; ``master_port`` 0 picks
-        a free port; ``num_workers`` defaults to the server's ``/get_world_size``. Returns the init info sent."""
+        """Open the transfer group with the server's workers (the server must run with ``--weight-transfer-config
+        '{"backend": "<self.backend>"}'``). ``master_address``: this machine as the server reaches it; ``master_port``
+        0 picks a free port; ``num_workers`` defaults to the server's ``/get_world_size``. Returns the init info."""
         self.close_transfer()
         timeout_s = self.timeout if timeout_s is None else timeout_s
         workers = self.world_size() if num_workers is None else num_workers
+        if self.backend == "nccl":
+            from rlad_pl.rollout.nccl_transfer import NCCLWeightSender
+
+            nccl = NCCLWeightSender(master_address, master_port, num_workers=workers)
+            try:
+                info = nccl.open(self)
+            except BaseException:
+                nccl.close()
+                raise
+            self.sender = nccl
+            return info
         sender = GlooWeightSender(master_address, master_port, num_workers=workers, timeout_s=timeout_s)
         info = sender.open()
         try:
@@ -229,16 +246,22 @@ class VLLMServerClient:
         del packed
         return nbytes
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype | None = None,
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+                     | Callable[[], Iterable[tuple[str, torch.Tensor]]], *, dtype: torch.dtype | None = None,
                      bucket_bytes: int = DEFAULT_BUCKET_BYTES, weight_version: str | None = None,
                      pause_mode: str = "abort", is_sender: bool = True) -> dict[str, Any]:
         """Push ``(checkpoint name, tensor)`` pairs (e.g. ``model_weights(model)``; DTensors are gathered bucket by
         bucket) into the server: pause -> start -> buckets -> finish -> prefix-cache reset -> resume. ``dtype``
         casts before sending (send the server's dtype). On FSDP ranks other than 0 pass ``is_sender=False``: the
         buckets are gathered (same collectives, same order) and nothing is sent. Returns ``{"bytes", "seconds",
-        "buckets", "tensors", "weight_version"}``."""
+        "buckets", "tensors", "weight_version"}``. ``named_tensors`` may be a function returning them (NCCL reads them
+        twice: metadata, then data; an iterable is then held as a list)."""
         t0 = time.perf_counter()
         nbytes = buckets = tensors = 0
+        if self.backend == "nccl":
+            return self._push_nccl(named_tensors, dtype, weight_version, pause_mode, is_sender, t0)
+        if callable(named_tensors):
+            named_tensors = named_tensors()
         if not is_sender:
             for bucket in iter_buckets(named_tensors, bucket_bytes, dtype):
                 buckets += 1
@@ -277,6 +300,39 @@ class VLLMServerClient:
                 pass
         return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "buckets": buckets, "tensors": tensors,
                 "weight_version": weight_version}
+
+    def _push_nccl(self, named_tensors, dtype, weight_version, pause_mode, is_sender, t0) -> dict[str, Any]:
+        from rlad_pl.rollout.nccl_transfer import weight_source
+
+        if callable(named_tensors):
+            weights = named_tensors
+        else:
+            pairs = list(named_tensors)
+            weights = lambda: iter(pairs)  # noqa: E731
+        if not is_sender:  # the sender's passes, for the FSDP2 gathers (vLLM's engine does the same on such ranks)
+            source = weight_source(weights, dtype)
+            source.metadata()
+            for _ in source:
+                pass
+            return {"bytes": 0, "seconds": time.perf_counter() - t0, "buckets": 1,
+                    "tensors": source.sent_tensors, "weight_version": weight_version}
+        if self.sender is None:
+            raise RuntimeError("VLLMServerClient.init_transfer() first")
+        self.pause(pause_mode)
+        try:
+            self._pending_version = weight_version
+            stats = self.sender.send(weights, dtype)
+            self.reset_prefix_cache()
+        except BaseException:
+            self.close_transfer()  # a failed NCCL round leaves the group unusable
+            raise
+        finally:
+            self._pending_version = None
+            try:
+                self.resume()
+            except (OSError, ServerError):
+                pass
+        return {**stats, "seconds": time.perf_counter() - t0, "weight_version": weight_version}
 
     # ------------------------------------------------------------------------------------------------ sampling
 
