@@ -91,6 +91,15 @@ def scalars(log_dir: str | Path, tag: str) -> list[float]:
     return runs.values(runs.read_scalars(log_dir), tag)
 
 
+def assert_same_scalars(want: str | Path, got: str | Path, tags, n: int | None = None, rtol: float = 1e-4,
+                        atol: float = 1e-6) -> None:
+    """Every tag logged the same values (within ``rtol`` / ``atol``) in both runs, ``n`` of them when given."""
+    for tag in tags:
+        a, b = scalars(want, tag), scalars(got, tag)
+        assert len(a) == len(b) and (n is None or len(a) == n), (tag, len(a), len(b))
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=rtol, atol=atol, msg=tag)
+
+
 def text_tags(log_dir: str | Path) -> list[str]:
     return [t for ea in runs.event_accumulators(log_dir) for t in ea.Tags().get("tensors", [])]
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli, scalars
+from conftest import CONFIGS, assert_same_scalars, run_cli, scalars
 from rlad_pl.core.batch import RolloutBatch
 from rlad_pl.core.errors import ConfigError
 from rlad_pl.objectives import GRPO, KDRL, TRRD, Denominators, ForwardKL, OPDSampled
@@ -289,9 +289,7 @@ def test_a_served_asynchronous_run_overlaps_and_makes_the_stale_samplers_batches
                     "--trainer.default_root_dir", str(tmp_path / "stale"), "--trainer.enable_checkpointing", "false",
                     "--export.enabled", "false")
     other = __import__("pathlib").Path(stale.trainer.log_dir)
-    for tag in ("rollout/reward_mean", "train/tokens", "train/loss", "off_policy/staleness_mean"):
-        torch.testing.assert_close(torch.tensor(scalars(other, tag)), torch.tensor(scalars(log, tag)), rtol=1e-4,
-                                   atol=1e-6, msg=tag)
+    assert_same_scalars(log, other, ("rollout/reward_mean", "train/tokens", "train/loss", "off_policy/staleness_mean"))
 
 
 @needs_vllm
@@ -398,10 +396,7 @@ def test_two_processes_train_asynchronously_like_one(server, tmp_path):
     _two_nodes(two_cfg, *extra)
     one, two = (cfg.parent / (cfg.stem + "_runs") / "lightning_logs" / "version_0" for cfg in (one_cfg, two_cfg))
     assert scalars(two, "off_policy/staleness_mean") == [0.0, 1.0, 1.0, 1.0]
-    for tag in ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean"):
-        a, b = scalars(one, tag), scalars(two, tag)
-        assert len(a) == len(b) == epochs, tag
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-6, msg=tag)
+    assert_same_scalars(one, two, ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean"), epochs)
 
 
 @needs_vllm

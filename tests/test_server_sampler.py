@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli, scalars
+from conftest import CONFIGS, assert_same_scalars, run_cli, scalars
 from rlad_pl.testing.servers import RL_ARGS, free_port, start_server, stop_server, wait_ready  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parents[1] / "rlad_pl" / "assets"
@@ -64,6 +64,25 @@ def test_served_model_must_be_the_students(tmp_path):
                                           r"\d+\); start the server on the student's architecture$"):
         check_served_model("http://s", str(tmp_path / "other"), student)
     check_served_model("http://s", "org/not-a-local-folder", student)  # unreadable here: left to the first push
+
+
+def test_the_settings_table_lists_every_argument_with_its_default():
+    """docs/servers.md#settings stays true: one row per ``ServerSampler`` argument, in order, with its default."""
+    import inspect
+    import re
+
+    from rlad_pl.rollout.server import ServerSampler
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "servers.md").read_text()
+    table = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", table, flags=re.M))
+    params = inspect.signature(ServerSampler).parameters
+    assert set(rows) == set(params), set(rows) ^ set(params)
+    shown = {"(required)": inspect.Parameter.empty, "none": None, "true": True, "256 MiB": 256 << 20}
+    for name, cell in rows.items():
+        cell = cell.strip().strip("`")
+        want = shown.get(cell, cell if not cell.isdigit() else int(cell))
+        assert params[name].default == want, (name, cell, params[name].default)
 
 
 # ---------------------------------------------------------------------------------------------- real servers
@@ -345,10 +364,8 @@ def test_two_nodes_train_from_one_server_like_one_process_and_resume(server, tmp
     import json
     assert json.loads(urllib.request.urlopen(server + "/is_paused", timeout=10).read())["is_paused"] is False
     one, two = (cfg.parent / (cfg.stem + "_runs") / "lightning_logs" / "version_0" for cfg in (one_cfg, two_cfg))
-    for tag in ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean", "sync/weight_sync_bytes"):
-        a, b = scalars(one, tag), scalars(two, tag)
-        assert len(a) == len(b) == epochs, tag
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-6, msg=tag)
+    assert_same_scalars(one, two, ("train/tokens", "train/loss", "grpo/loss", "rollout/reward_mean",
+                                   "sync/weight_sync_bytes"), epochs)
     assert scalars(two, "val/all/mean@1") == pytest.approx(scalars(one, "val/all/mean@1"), abs=1e-6)
     # resume the two-node run from its first epoch's checkpoint: the remaining epochs log the same losses
     ckpt = sorted((two / "checkpoints").glob("epoch=0-*.ckpt"))
