@@ -149,6 +149,28 @@ def test_after_each_step_the_server_answers_like_the_trainer(server):
         sampler.close()
 
 
+#: a greedy choice whose top-2 logit margin is below this is a near tie: fp32 kernels of vLLM-CPU and torch may
+#: break it either way, so answers are compared up to it
+NEAR_TIE = 5e-3
+
+
+@torch.no_grad()
+def _same_up_to_a_near_tie(student, prompts, served, own, step, tok) -> int:
+    """Each served answer equals the trainer's own greedy answer before the trainer's first near tie (top-2 logit
+    margin below ``NEAR_TIE``), and in full when there is none; returns the number of tokens compared."""
+    compared = 0
+    for prompt, s, o in zip(prompts, served, own):
+        logits = student(input_ids=torch.tensor([prompt + o])).logits[0, len(prompt) - 1:-1].float()
+        top2 = logits.topk(2, dim=-1).values
+        ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero().flatten().tolist()
+        if ties:
+            assert s[:ties[0]] == o[:ties[0]], (step, tok.decode(s), tok.decode(o), ties)
+        else:
+            assert s == o, (step, tok.decode(s), tok.decode(o))
+        compared += ties[0] if ties else len(o)
+    return compared
+
+
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.real_model
@@ -156,7 +178,8 @@ def test_after_each_step_the_server_answers_like_the_trainer(server):
 def test_smollm2_server_answers_like_the_trainer_after_each_step(tmp_path):
     """SmolLM2-135M-Instruct (fp32, 30 layers, tied embeddings, 49,152 tokens; ``tools/build_real_model.py``) served
     by its own vLLM server: after each of 3 optimizer steps (SFT toward " a banana.", lr 1e-5) and a push, the
-    server's greedy answers equal the trainer's own greedy decode (``HFSampler``), and the steps did change them."""
+    server's greedy answers equal the trainer's own greedy decode (``HFSampler``) up to a near tie (``NEAR_TIE``; at
+    least 90 % of the tokens compared), and the steps did change them."""
     from rlad_pl.models.loading import load_causal_lm, load_tokenizer
     from rlad_pl.rollout.hf import HFSampler
     from rlad_pl.rollout.sampler import SamplingParams
@@ -184,7 +207,7 @@ def test_smollm2_server_answers_like_the_trainer_after_each_step(tmp_path):
         target = tok(" a banana.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         greedy = SamplingParams(temperature=0, max_new_tokens=12)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
-        answers = []
+        answers, compared, total = [], 0, 0
         for step in range(4):
             if step:
                 _sft_step(student, opt, prompts, target)
@@ -193,8 +216,10 @@ def test_smollm2_server_answers_like_the_trainer_after_each_step(tmp_path):
             assert stats["weight_sync_bytes"] == 4 * sum(p.numel() for p in student.parameters()), stats
             served = sampler.generate(prompts, greedy).completion_ids
             own = hf.generate(prompts, greedy).completion_ids
-            assert served == own, (step, [tok.decode(s) for s in served], [tok.decode(s) for s in own])
+            compared += _same_up_to_a_near_tie(student, prompts, served, own, step, tok)
+            total += sum(len(o) for o in own)
             answers.append(served)
+        assert compared >= 0.9 * total, (compared, total)  # near ties are rare: the check is not vacuous
         assert any(a != answers[0] for a in answers[1:]), [tok.decode(s) for s in answers[0]]
         assert sampler.clients[0].weight_info()["weight_version"] == "4"
     finally:

@@ -296,6 +296,14 @@ def _md(xs: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _welch_cells(a: list[float], b: list[float]) -> list[str]:
+    """``mean(a) - mean(b)`` and Welch's p as two table cells ("-" when a side has no runs)."""
+    if not (a and b):
+        return ["-", "-"]
+    d, p = welch(a, b)
+    return [f"{d:+.1f}", _p(p)]
+
+
 def report(res, args) -> str:
     methods = [m for m in STUDY if any(key[0] == m for key in res)]
     ks = [k for k in KS if any(key[1] == k for key in res)]
@@ -353,12 +361,7 @@ def report(res, args) -> str:
     for m in methods:
         row = [LABEL.get(m, m), declared(m)]
         for k in kpos:
-            a, b = list(deltas(res, m, k, "corr").values()), list(deltas(res, m, k, "none").values())
-            if a and b:
-                d, p = welch(a, b)
-                row += [f"{d:+.1f}", _p(p)]
-            else:
-                row += ["-", "-"]
+            row += _welch_cells(list(deltas(res, m, k, "corr").values()), list(deltas(res, m, k, "none").values()))
         lines.append("| " + " | ".join(row) + " |")
 
     # the issue's comparisons
@@ -375,12 +378,7 @@ def report(res, args) -> str:
         for v in ("corr", "none"):
             row = [f"{LABEL.get(a, a)} - {LABEL.get(b, b)}", v]
             for k in kpos:
-                da, db = degradation(res, a, k, v), degradation(res, b, k, v)
-                if da and db:
-                    d, p = welch(da, db)
-                    row += [f"{d:+.1f}", _p(p)]
-                else:
-                    row += ["-", "-"]
+                row += _welch_cells(degradation(res, a, k, v), degradation(res, b, k, v))
             sa, sb = slope(res, a, v, ks), slope(res, b, v, ks)
             row += [f"{sa[0] - sb[0]:+.2f}" if sa[0] == sa[0] and sb[0] == sb[0] else "-",
                     _p(slope_diff_p(sa, sb))]
