@@ -60,16 +60,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def materialize(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A full, contiguous CPU tensor ready to send: DTensors (FSDP2) are gathered with ``full_tensor()`` (a collective:
-    every trainer rank must call it in the same order), then cast to ``dtype`` when given."""
+def materialize(tensor: torch.Tensor, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """A full, contiguous tensor on ``device`` (None: where it is) ready to send: DTensors (FSDP2) are gathered with
+    ``full_tensor()`` (a collective: every trainer rank must call it in the same order), then cast to ``dtype``."""
     t = tensor.detach()
     full = getattr(t, "full_tensor", None)
     if callable(full):
         t = full()
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    return t.cpu().contiguous()
+    return (t if device is None else t.to(device)).contiguous()
 
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,

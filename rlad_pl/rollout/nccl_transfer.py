@@ -41,18 +41,13 @@ def weight_source(weights: Callable[[], Iterable[tuple[str, torch.Tensor]]], dty
             return [ParamMeta(name, dtype or t.dtype, tuple(t.shape)) for name, t in weights()]
 
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            from rlad_pl.rollout.gloo_transfer import materialize
+
             for name, t in weights():
-                t = t.detach()
-                full = getattr(t, "full_tensor", None)
-                if callable(full):
-                    t = full()
-                if dtype is not None and t.dtype != dtype:
-                    t = t.to(dtype)
-                if device is not None:
-                    t = t.to(device, non_blocking=False)
+                t = materialize(t, dtype, device)
                 self.sent_bytes += t.numel() * t.element_size()
                 self.sent_tensors += 1
-                yield name, t.contiguous()
+                yield name, t
 
     return _Source()
 
