@@ -249,40 +249,17 @@ def test_server_teacher_api_key_variable_must_be_set(monkeypatch):
 @pytest.fixture(scope="module")
 def teacher_server():
     """``python -m vllm.entrypoints.openai.api_server`` on localhost with the tiny teacher (~35 s to start)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from rlad_pl.testing.servers import free_port, start_server, stop_server, wait_ready
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder = str(ASSETS / "tiny-teacher")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-                             "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-                             "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20),
-                             "--no-enable-chunked-prefill", "--max-logprobs", "20"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, folder = free_port(), str(ASSETS / "tiny-teacher")
+    proc = start_server(folder, port, "--max-logprobs", "20", max_model_len=128,
+                        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the vLLM server did not start (exit code {proc.poll()})")
-                time.sleep(1)
+        wait_ready(url, proc)
         yield url, folder
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 @needs_vllm
